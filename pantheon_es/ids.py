@@ -1,0 +1,77 @@
+"""Time-sortable, subject-safe identifiers.
+
+An id is a ULID: 48 bits of milliseconds since the epoch and 80 random bits,
+in Crockford base32 (26 characters, ``0-9A-Z`` without ``I L O U``). Ids made
+by one process are strictly increasing even within one millisecond (the random
+part is incremented), so sorting ids sorts by creation time. The alphabet
+contains no ``.``, ``*``, ``>`` or whitespace, so an id is always one subject
+token and one KV key token.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import UTC, datetime
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_DECODE = {c: i for i, c in enumerate(_ALPHABET)}
+_RANDOM_BITS = 80
+_RANDOM_MAX = (1 << _RANDOM_BITS) - 1
+
+
+class _Generator:
+    __slots__ = ("_last_ms", "_last_rand", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_rand = 0
+
+    def next(self, now_ms: int | None = None) -> str:
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            if ms <= self._last_ms:
+                # Same (or a backwards-stepped) millisecond: keep the order.
+                ms = self._last_ms
+                rand = self._last_rand + 1
+                if rand > _RANDOM_MAX:  # 2**80 ids in one ms: move to the next ms
+                    ms += 1
+                    rand = int.from_bytes(os.urandom(10), "big") >> 1
+            else:
+                # Top bit clear leaves room to increment within the millisecond.
+                rand = int.from_bytes(os.urandom(10), "big") >> 1
+            self._last_ms, self._last_rand = ms, rand
+        return encode((ms << _RANDOM_BITS) | rand)
+
+
+def encode(value: int) -> str:
+    """Encode a 128-bit integer as 26 Crockford base32 characters."""
+    chars = []
+    for _ in range(26):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+_generator = _Generator()
+
+
+def new_id() -> str:
+    """A new id, greater than every id made before it by this process."""
+    return _generator.next()
+
+
+def is_id(value: str) -> bool:
+    return len(value) == 26 and all(c in _DECODE for c in value)
+
+
+def timestamp_of(value: str) -> datetime:
+    """The creation time encoded in an id (millisecond precision, UTC)."""
+    if not is_id(value):
+        raise ValueError(f"{value!r} is not a Pantheon id")
+    n = 0
+    for c in value[:10]:
+        n = (n << 5) | _DECODE[c]
+    return datetime.fromtimestamp(n / 1000, tz=UTC)

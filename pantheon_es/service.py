@@ -1,0 +1,367 @@
+"""The command service: NATS request/reply in, events appended, a reply out.
+
+For each request on ``<root>.cmd.<tenant>.<aggregate>.<verb>`` (queue group
+``pantheon-cmd``, so replicas share the load):
+
+    size check -> JSON -> command model -> load aggregate -> decide (pure)
+    -> append (expected last subject sequence) -> reply {"ok": ...}
+
+Bad input gets a typed error reply and appends nothing; no request can stop
+the service. Aggregate states are cached with their last sequence; a stale
+cache (another replica wrote) shows up as a concurrency conflict on append,
+and the command is decided again on freshly loaded state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from pantheon_es import aggregates, ids
+from pantheon_es.commands import COMMANDS, Command
+from pantheon_es.domain import AggregateType, DecideContext
+from pantheon_es.endpoint import invalid, parse_body, respond, route
+from pantheon_es.errors import ConcurrencyError, ConflictError
+from pantheon_es.events import Event, make_event
+from pantheon_es.idempotency import Claim, ClaimTaken, IdempotencyIndex, fingerprint
+from pantheon_es.store import EventStore
+
+log = structlog.get_logger(__name__)
+
+QUEUE_GROUP = "pantheon-cmd"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    max_command_bytes: int = 1024 * 1024
+    idempotency_ttl: float = 7 * 24 * 3600.0
+    #: A pending idempotency claim younger than this is "in flight", older is stale.
+    claim_timeout: float = 30.0
+    cache_size: int = 100_000
+    max_inflight: int = 2048
+    decide_attempts: int = 5
+
+
+class AggregateCache:
+    """Folded aggregate states with their last stream sequence, LRU-bounded."""
+
+    def __init__(self, store: EventStore, size: int) -> None:
+        self._store = store
+        self._size = size
+        self._entries: OrderedDict[tuple[str, str, str], tuple[Any, int]] = OrderedDict()
+
+    async def load(
+        self, kind: AggregateType[Any], tenant: str, aggregate_id: str
+    ) -> tuple[Any, int]:
+        key = (tenant, kind.name, aggregate_id)
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit
+        history = await self._store.read_aggregate(tenant, kind.name, aggregate_id)
+        state = kind.fold([h.event for h in history])
+        seq = history[-1].seq if history else 0
+        if history:
+            self.put(key, state, seq)
+        return state, seq
+
+    def put(self, key: tuple[str, str, str], state: Any, seq: int) -> None:
+        self._entries[key] = (state, seq)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def evict(self, key: tuple[str, str, str]) -> None:
+        self._entries.pop(key, None)
+
+
+class _KeyedLocks:
+    """One asyncio lock per aggregate, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str, str], list[Any]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: tuple[str, str, str]) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    key: tuple[str, str, str]
+    state: Any
+    expected_seq: int
+    events: list[Event[Any]]
+    result: dict[str, Any]
+
+
+class CommandService:
+    """Serves commands for every tenant of one namespace."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        store: EventStore,
+        config: ServiceConfig | None = None,
+        *,
+        queue: str = QUEUE_GROUP,
+    ) -> None:
+        self.nc = nc
+        self.store = store
+        self.subjects = store.subjects
+        self.config = config or ServiceConfig()
+        self.queue = queue
+        self.cache = AggregateCache(store, self.config.cache_size)
+        self.idempotency = IdempotencyIndex(
+            nc.jetstream(), self.subjects, self.config.idempotency_ttl, store.config.replicas
+        )
+        self._locks = _KeyedLocks()
+        self._slots = asyncio.Semaphore(self.config.max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+        self._stopped = asyncio.Event()
+        assert aggregates.AGGREGATE_TYPES  # registries loaded
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> CommandService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        await self.idempotency.provision()
+        self._sub = await self.nc.subscribe(
+            self.subjects.all_commands,
+            queue=self.queue,
+            cb=self._on_msg,
+            pending_msgs_limit=100_000,
+        )
+        log.info("command service started", subject=self.subjects.all_commands, queue=self.queue)
+
+    async def run(self) -> None:
+        """Serve until :meth:`shutdown`."""
+        await self._stopped.wait()
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, let the ones in flight finish. Idempotent."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        self._stopped.set()
+
+    # -- request handling ------------------------------------------------------------------------
+    async def _on_msg(self, msg: Msg) -> None:
+        await self._slots.acquire()
+        task = asyncio.create_task(self._serve(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _serve(self, msg: Msg) -> None:
+        await respond(msg, self.execute_raw(msg.subject, msg.data))
+
+    async def execute_raw(self, subject: str, data: bytes) -> dict[str, Any]:
+        """Parse and execute one request; raises a typed error for bad input."""
+        parsed = self.subjects.parse_command(subject)
+        body = parse_body(data, self.config.max_command_bytes)
+        cls = route(parsed, COMMANDS, "command", subject)
+        assert parsed is not None
+        try:
+            command = cls.model_validate(body)
+        except ValidationError as exc:
+            raise invalid(cls.__name__, exc) from None
+        return await self.execute(parsed.tenant, command)
+
+    async def execute(self, tenant: str, command: Command) -> dict[str, Any]:
+        """Decide and append one validated command; returns the reply's result."""
+        command_id = ids.new_id()
+        correlation_id = command.correlation_id or command_id
+        with structlog.contextvars.bound_contextvars(
+            tenant=tenant, correlation_id=correlation_id, command=type(command).__name__
+        ):
+            if command.idempotency_key is not None:
+                return await self._execute_keyed(tenant, command, command_id, correlation_id)
+            return await self._execute_once(tenant, command, command_id, correlation_id)
+
+    async def _plan(
+        self,
+        key: tuple[str, str, str],
+        command: Command,
+        command_id: str,
+        correlation_id: str,
+    ) -> _Plan:
+        tenant, aggregate, aggregate_id = key
+        kind = aggregates.AGGREGATE_TYPES[aggregate]
+        if command.creates:
+            state, seq = None, 0  # a fresh id: a new aggregate, nothing to load
+        else:
+            state, seq = await self.cache.load(kind, tenant, aggregate_id)
+        now = datetime.now(UTC)
+        decision = kind.decide(state, command, DecideContext(tenant, aggregate_id, now))
+        events = [
+            make_event(
+                data,
+                event_id=ids.new_id(),
+                tenant=tenant,
+                aggregate_id=aggregate_id,
+                occurred_at=now,
+                actor=command.actor or "anonymous",
+                correlation_id=correlation_id,
+                causation_id=command_id,
+            )
+            for data in decision.events
+        ]
+        return _Plan(key, state, seq, events, dict(decision.result))
+
+    async def _append(self, plan: _Plan) -> int:
+        """Append a plan's events; returns the last sequence. Updates the cache."""
+        result = await self.store.append(plan.events, expected_seq=plan.expected_seq)
+        kind = aggregates.AGGREGATE_TYPES[plan.key[1]]
+        self.cache.put(plan.key, kind.fold(plan.events, plan.state), result.last_seq)
+        structlog.contextvars.bind_contextvars(stream_seq=result.last_seq)
+        log.debug("events appended", count=len(plan.events), stream_seq=result.last_seq)
+        return result.last_seq
+
+    def _key(self, tenant: str, command: Command) -> tuple[str, str, str]:
+        target = command.target_id()
+        return (tenant, command.aggregate, target if target is not None else ids.new_id())
+
+    async def _execute_once(
+        self, tenant: str, command: Command, command_id: str, correlation_id: str
+    ) -> dict[str, Any]:
+        key = self._key(tenant, command)
+        async with self._locks.hold(key):
+            for _attempt in range(self.config.decide_attempts):
+                plan = await self._plan(key, command, command_id, correlation_id)
+                if not plan.events:
+                    return {**plan.result, "seq": plan.expected_seq}
+                try:
+                    seq = await self._append(plan)
+                except ConcurrencyError:  # another replica wrote: reload, decide again
+                    self.cache.evict(key)
+                    continue
+                return {**plan.result, "seq": seq}
+        raise ConflictError(
+            "the aggregate kept changing while deciding; try again", retry_after=0.1
+        )
+
+    async def _execute_keyed(
+        self, tenant: str, command: Command, command_id: str, correlation_id: str
+    ) -> dict[str, Any]:
+        assert command.idempotency_key is not None
+        index = self.idempotency
+        ikey = index.key(tenant, command.idempotency_key)
+        fp = fingerprint(command)
+        key = self._key(tenant, command)
+        async with self._locks.hold(key):
+            for _attempt in range(self.config.decide_attempts):
+                takeover: int | None = None
+                found = await index.get(ikey)
+                if found is not None:
+                    claim, revision = found
+                    reply = await self._resolve_claim(ikey, claim, revision, fp, command)
+                    if reply is not None:
+                        return reply
+                    takeover = revision  # a stale claim whose events never landed
+                plan = await self._plan(key, command, command_id, correlation_id)
+                claim = Claim(
+                    fingerprint=fp,
+                    state="pending",
+                    at=index.now(),
+                    reply=plan.result,
+                    subject=self.subjects.aggregate(*key),
+                    expected_seq=plan.expected_seq,
+                    event_ids=[e.event_id for e in plan.events],
+                )
+                if not plan.events:  # a no-op decision: remember the answer as it is
+                    claim = _done(claim, {**plan.result, "seq": plan.expected_seq})
+                try:
+                    if takeover is None:
+                        revision = await index.create(ikey, claim)
+                    else:
+                        revision = await index.update(ikey, claim, takeover)
+                except ClaimTaken:
+                    continue  # a concurrent request claimed first: look again
+                if not plan.events:
+                    return claim.reply
+                try:
+                    seq = await self._append(plan)
+                except ConcurrencyError:
+                    self.cache.evict(key)
+                    await index.release(ikey, revision)
+                    continue
+                # Any other failure leaves the claim pending: the append may have
+                # landed, and the next request with this key resolves it from the log.
+                reply = {**plan.result, "seq": seq}
+                with contextlib.suppress(ClaimTaken):
+                    await index.update(ikey, _done(claim, reply), revision)
+                return reply
+        raise ConflictError(
+            "the aggregate kept changing while deciding; try again", retry_after=0.1
+        )
+
+    async def _resolve_claim(
+        self, ikey: str, claim: Claim, revision: int, fp: str, command: Command
+    ) -> dict[str, Any] | None:
+        """The reply an existing claim stands for; ``None`` if it is stale and may be taken over."""
+        if claim.fingerprint != fp:
+            raise ConflictError(
+                "this idempotency key was already used for a different command",
+                details={"idempotency_key": command.idempotency_key},
+            )
+        if claim.state == "done":
+            return claim.reply
+        landed = await self.store.landed_seq(claim.subject, claim.expected_seq, claim.event_ids)
+        if landed is not None:  # the earlier request appended, then stopped
+            reply = {**claim.reply, "seq": landed + len(claim.event_ids) - 1}
+            with contextlib.suppress(ClaimTaken):
+                await self.idempotency.update(ikey, _done(claim, reply), revision)
+            return reply
+        age = self.idempotency.now() - claim.at
+        if age < self.config.claim_timeout:
+            raise ConflictError(
+                "a request with this idempotency key is in flight",
+                details={"idempotency_key": command.idempotency_key},
+                retry_after=round(min(1.0, self.config.claim_timeout - age), 3),
+            )
+        return None
+
+
+def _done(claim: Claim, reply: dict[str, Any]) -> Claim:
+    return Claim(
+        claim.fingerprint,
+        "done",
+        claim.at,
+        reply,
+        claim.subject,
+        claim.expected_seq,
+        claim.event_ids,
+    )

@@ -1,0 +1,123 @@
+"""Value types shared by commands, events and read models.
+
+Priority, resource requests, labels and executor specs are data: they are
+validated here once, travel in commands and events unchanged, and the read
+models store them as JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from pantheon_es.subjects import is_token
+
+# -- priority ------------------------------------------------------------------
+
+#: Named priority levels and their place on the numeric scale 0..1000.
+PRIORITY_LEVELS: Final[dict[str, int]] = {"low": 100, "medium": 200, "high": 300, "urgent": 400}
+PRIORITY_MAX: Final = 1000
+
+
+def _priority_number(value: str | int) -> int:
+    return PRIORITY_LEVELS[value] if isinstance(value, str) else value
+
+
+Priority = Annotated[
+    Literal["low", "medium", "high", "urgent"] | Annotated[int, Field(ge=0, le=PRIORITY_MAX)],
+    AfterValidator(_priority_number),
+    Field(
+        description=(
+            "low|medium|high|urgent, or a number 0..1000 (low=100, medium=200, "
+            "high=300, urgent=400); higher runs first. Stored as the number."
+        )
+    ),
+]
+
+
+def priority_name(value: int) -> str:
+    """The highest named level at or below ``value`` (``low`` below 100)."""
+    name = "low"
+    for level, number in PRIORITY_LEVELS.items():
+        if value >= number:
+            name = level
+    return name
+
+
+# -- small constrained strings ----------------------------------------------------
+
+
+def _token(value: str) -> str:
+    if not is_token(value):
+        raise ValueError("must be 1-128 letters, digits, '_' or '-'")
+    return value
+
+
+Token = Annotated[str, AfterValidator(_token)]
+LabelKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.\-/]+$")
+]
+LabelValue = Annotated[str, StringConstraints(max_length=256)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# -- resources -----------------------------------------------------------------
+
+
+class Resources(Frozen):
+    """What a task needs of a worker while it runs."""
+
+    cpu: float = Field(1.0, ge=0, le=4096, description="CPU cores (fractions allowed).")
+    memory_mb: int = Field(0, ge=0, le=16 * 1024 * 1024)
+    gpu: int = Field(0, ge=0, le=1024)
+    custom: Annotated[dict[Token, Annotated[float, Field(ge=0)]], Field(max_length=32)] = Field(
+        default_factory=dict, description="Named custom resources, e.g. {'license': 1}."
+    )
+
+
+# -- executor specs ----------------------------------------------------------------
+
+
+class ShellSpec(Frozen):
+    """Run an argv (no shell interpolation) with an environment and working directory."""
+
+    kind: Literal["shell"] = "shell"
+    argv: Annotated[list[Annotated[str, StringConstraints(max_length=65536)]], Field(min_length=1)]
+    env: dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], str] = Field(
+        default_factory=dict
+    )
+    cwd: str | None = None
+
+
+class PythonSpec(Frozen):
+    """Call ``package.module:function`` (sync or async) with keyword arguments."""
+
+    kind: Literal["python"] = "python"
+    target: Annotated[
+        str,
+        StringConstraints(
+            pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+        ),
+    ] = Field(description="'package.module:function'")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentSpec(Frozen):
+    """Run a coding-agent CLI from a command template with a prompt, files and delegates."""
+
+    kind: Literal["agent"] = "agent"
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=200_000)]
+    files: list[str] = Field(default_factory=list, max_length=1000)
+    delegates: list[str] = Field(default_factory=list, max_length=100)
+    template: str | None = Field(
+        None,
+        description="Name of a configured agent command template; default: the built-in agent.",
+    )
+
+
+ExecutorSpec = Annotated[ShellSpec | PythonSpec | AgentSpec, Field(discriminator="kind")]

@@ -1,0 +1,455 @@
+"""The event store: one JetStream stream, one subject per aggregate instance.
+
+* :meth:`EventStore.provision` creates or updates the stream idempotently.
+* :meth:`EventStore.append` writes the events of one decision with
+  ``Nats-Msg-Id`` = event id and ``Nats-Expected-Last-Subject-Sequence`` =
+  the aggregate's last sequence; several events go in one atomic batch.
+* A wrong-last-sequence answer (10071, or 10164 inside a batch) is told apart
+  from "my earlier attempt landed but its ack was lost" by reading what the
+  subject holds right after the expected sequence and comparing msg ids.
+* :meth:`EventStore.read_aggregate` reads one aggregate's history in one
+  batched direct get; :class:`EventFeed` tails or replays the stream with an
+  ordered push consumer.
+
+JetStream error codes are mapped here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import nats.errors
+import nats.js.errors
+import orjson
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+
+from pantheon_es import aggregates, ids
+from pantheon_es.errors import ConcurrencyError, InternalError, PantheonError, UnavailableError
+from pantheon_es.events import Event, decode, encode
+from pantheon_es.subjects import Subjects
+
+log = structlog.get_logger(__name__)
+
+assert aggregates.REGISTRY  # every event type registered before anything is decoded
+
+# JetStream API error codes (nats-server/server/errors.json).
+JS_WRONG_LAST_SEQUENCE = 10071
+JS_BATCH_WRONG_LAST_SEQUENCE = 10164
+JS_BATCH_DUPLICATE_MSG_ID = 10201
+_WRONG_LAST_SEQUENCE = {JS_WRONG_LAST_SEQUENCE, JS_BATCH_WRONG_LAST_SEQUENCE}
+
+#: The server refuses atomic batches larger than this.
+MAX_BATCH = 1000
+
+H_MSG_ID = "Nats-Msg-Id"
+H_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_BATCH_ID = "Nats-Batch-Id"
+H_BATCH_SEQ = "Nats-Batch-Sequence"
+H_BATCH_COMMIT = "Nats-Batch-Commit"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Stream settings the store owns."""
+
+    replicas: int = 1
+    duplicate_window: float = 120.0  # seconds; the design asks for >= 2 min
+    ack_timeout: float = 5.0
+    append_attempts: int = 3  # publishes of one append before giving up (lost acks)
+    max_inflight_batches: int = 32  # the server allows 50 per stream
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append's events landed."""
+
+    first_seq: int
+    last_seq: int
+    #: True if an earlier attempt of the same append had already written it.
+    already_written: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event read back from the stream with its position."""
+
+    seq: int
+    subject: str
+    event: Event[Any]
+
+
+class RawEvent(NamedTuple):
+    """An undecoded message from a feed: its position, subject and payload.
+
+    A NamedTuple, not a frozen dataclass: feeds make one per event and a frozen
+    dataclass's ``__init__`` costs several times a tuple's.
+    """
+
+    seq: int
+    subject: str
+    data: bytes
+    #: stored time, nanoseconds since the epoch
+    timestamp_ns: int = 0
+    #: messages matching the feed's filter still to come after this one (at delivery)
+    pending: int = 0
+
+
+class EventStore:
+    """Appends and reads events on JetStream."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects | None = None,
+        config: StoreConfig | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=(config or StoreConfig()).ack_timeout)
+        self.subjects = subjects or Subjects()
+        self.config = config or StoreConfig()
+        self.stream = self.subjects.stream
+        self._batch_slots = asyncio.Semaphore(self.config.max_inflight_batches)
+
+    # -- provisioning ----------------------------------------------------------------------
+    def stream_config(self) -> StreamConfig:
+        return StreamConfig(
+            name=self.stream,
+            description="Pantheon-ES event log: one subject per aggregate instance.",
+            subjects=[self.subjects.all_events],
+            storage=StorageType.FILE,
+            num_replicas=self.config.replicas,
+            duplicate_window=self.config.duplicate_window,
+            discard=DiscardPolicy.OLD,
+            allow_direct=True,
+            allow_atomic=True,
+        )
+
+    async def provision(self) -> None:
+        """Create the stream, or bring the settings the store owns up to date."""
+        wanted = self.stream_config()
+        try:
+            info = await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(wanted)
+                log.info("stream created", stream=self.stream)
+                return
+            except nats.js.errors.BadRequestError:
+                # Another node created it between our two calls; fall through to compare.
+                info = await self.js.stream_info(self.stream)
+        have = info.config
+        if (
+            have.subjects != wanted.subjects
+            or have.duplicate_window != wanted.duplicate_window
+            or not have.allow_atomic
+            or not have.allow_direct
+            or (have.num_replicas or 1) != wanted.num_replicas
+        ):
+            await self.js.update_stream(wanted)
+            log.info("stream updated", stream=self.stream)
+
+    # -- append ---------------------------------------------------------------------------------
+    async def append(self, events: Sequence[Event[Any]], *, expected_seq: int) -> AppendResult:
+        """Append the events of one decision to their aggregate's subject.
+
+        Args:
+            events: one or more events of the same aggregate instance.
+            expected_seq: the stream sequence of the aggregate's last event (0 if new).
+
+        Raises:
+            ConcurrencyError: the aggregate moved past ``expected_seq``.
+            UnavailableError: JetStream did not acknowledge after all attempts.
+        """
+        if not events:
+            raise ValueError("append needs at least one event")
+        if len(events) > MAX_BATCH:
+            raise ValueError(f"one decision may append at most {MAX_BATCH} events")
+        first = events[0]
+        subject = self.subjects.aggregate(first.tenant, first.aggregate, first.aggregate_id)
+        for ev in events[1:]:
+            if (ev.tenant, ev.aggregate, ev.aggregate_id) != (
+                first.tenant,
+                first.aggregate,
+                first.aggregate_id,
+            ):
+                raise ValueError("all events of one append must belong to one aggregate")
+        payloads = [encode(ev) for ev in events]
+        msg_ids = [ev.event_id for ev in events]
+        attempts = self.config.append_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                if len(payloads) == 1:
+                    last = await self._publish_one(subject, payloads[0], msg_ids[0], expected_seq)
+                else:
+                    last = await self._publish_batch(subject, payloads, msg_ids, expected_seq)
+                return AppendResult(last - len(payloads) + 1, last)
+            except _WrongLastSequence as exc:
+                # Both answers can mean "an earlier attempt of this append was written".
+                landed = await self.landed_seq(subject, expected_seq, msg_ids)
+                if landed is not None:
+                    # An earlier attempt of ours was written; its ack was lost.
+                    return AppendResult(landed, landed + len(msg_ids) - 1, already_written=True)
+                if isinstance(exc, _DuplicateInBatch):
+                    raise InternalError(
+                        f"append to {subject} reuses stored message ids: {exc.description}"
+                    ) from None
+                raise ConcurrencyError(
+                    f"{subject} moved past sequence {expected_seq}",
+                    details={
+                        "subject": subject,
+                        "expected_seq": expected_seq,
+                        "server": exc.description,
+                    },
+                ) from None
+            except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                log.warning(
+                    "append not acknowledged", subject=subject, attempt=attempt, error=repr(exc)
+                )
+                if attempt == attempts:
+                    raise UnavailableError(
+                        f"JetStream did not acknowledge the append to {subject}",
+                        retry_after=1.0,
+                    ) from exc
+                await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
+
+    async def _publish_one(
+        self, subject: str, payload: bytes, msg_id: str, expected_seq: int
+    ) -> int:
+        headers = {H_MSG_ID: msg_id, H_EXPECTED_SUBJECT_SEQ: str(expected_seq)}
+        try:
+            ack = await self.js.publish(subject, payload, headers=headers)
+        except nats.js.errors.APIError as exc:
+            raise _map_api_error(exc.err_code, exc.description or "") from None
+        return int(ack.seq)
+
+    async def _publish_batch(
+        self, subject: str, payloads: Sequence[bytes], msg_ids: Sequence[str], expected_seq: int
+    ) -> int:
+        batch_id = ids.new_id()
+        n = len(payloads)
+        async with self._batch_slots:
+            for i, (payload, msg_id) in enumerate(zip(payloads, msg_ids, strict=True), start=1):
+                headers = {H_MSG_ID: msg_id, H_BATCH_ID: batch_id, H_BATCH_SEQ: str(i)}
+                if i == 1:
+                    # ADR-50: expectations only on the first message of a batch.
+                    headers[H_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
+                if i < n:
+                    await self.nc.publish(subject, payload, headers=headers)
+                else:
+                    headers[H_BATCH_COMMIT] = "1"
+                    reply = await self.nc.request(
+                        subject, payload, headers=headers, timeout=self.config.ack_timeout
+                    )
+        ack = orjson.loads(reply.data) if reply.data else {}
+        error = ack.get("error")
+        if error:
+            raise _map_api_error(error.get("err_code"), error.get("description", ""))
+        if ack.get("batch") != batch_id or ack.get("count") != n:
+            raise InternalError(f"unexpected batch ack for {subject}: {ack!r}")
+        return int(ack["seq"])
+
+    async def landed_seq(
+        self, subject: str, expected_seq: int, msg_ids: Sequence[str]
+    ) -> int | None:
+        """First seq of ``msg_ids`` if they are the subject's next messages after ``expected_seq``.
+
+        That is how an append whose ack was lost is recognised as written.
+        """
+        stored = await self._direct_get_batch(subject, expected_seq + 1, len(msg_ids))
+        if [m.headers.get(H_MSG_ID) if m.headers else None for m in stored] == list(msg_ids):
+            return _seq_of(stored[0])
+        return None
+
+    # -- reads ------------------------------------------------------------------------------------
+    async def read_aggregate(
+        self, tenant: str, aggregate: str, aggregate_id: str, *, from_seq: int = 1
+    ) -> list[StoredEvent]:
+        """Every event of one aggregate instance, oldest first."""
+        subject = self.subjects.aggregate(tenant, aggregate, aggregate_id)
+        out: list[StoredEvent] = []
+        seq = from_seq
+        while True:
+            msgs = await self._direct_get_batch(subject, seq, MAX_BATCH)
+            for m in msgs:
+                s = _seq_of(m)
+                out.append(StoredEvent(s, subject, decode(m.data, s)))
+            if len(msgs) < MAX_BATCH:
+                return out
+            seq = _seq_of(msgs[-1]) + 1
+
+    async def last_seq(self) -> int:
+        """The stream's last sequence (0 when empty)."""
+        info = await self.js.stream_info(self.stream)
+        return int(info.state.last_seq or 0)
+
+    async def subject_last_seq(self, subject: str) -> int:
+        """The last sequence stored on one subject (0 if none)."""
+        try:
+            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def _direct_get_batch(self, subject: str, start_seq: int, limit: int) -> list[Msg]:
+        """Up to ``limit`` messages of ``subject`` from ``start_seq`` in one direct-get request."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            request = orjson.dumps({"seq": start_seq, "next_by_subj": subject, "batch": limit})
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{self.stream}", request, reply=inbox)
+            out: list[Msg] = []
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=self.config.ack_timeout)
+                except nats.errors.TimeoutError as exc:
+                    raise UnavailableError(f"direct get on {self.stream} timed out") from exc
+                status = msg.headers.get("Status") if msg.headers else None
+                if status is None:
+                    out.append(msg)
+                    if len(out) >= limit:
+                        return out
+                elif status in ("204", "404"):  # end of batch / nothing there
+                    return out
+                else:
+                    raise UnavailableError(
+                        f"direct get on {self.stream} failed: {status} {msg.headers}"
+                    )
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def feed(
+        self,
+        *,
+        from_seq: int = 1,
+        subject: str | None = None,
+        max_buffer: int = 20_000,
+    ) -> EventFeed:
+        """An ordered feed of the stream from ``from_seq`` (live after catching up)."""
+        return EventFeed(
+            self.js, self.stream, subject or self.subjects.all_events, from_seq, max_buffer
+        )
+
+
+class EventFeed:
+    """Ordered push consumer buffering raw messages, handed out in batches.
+
+    The callback waits while the buffer is full; nats-py then withholds the
+    flow-control reply, so the server pauses delivery: memory stays bounded
+    however long the replay.
+    """
+
+    def __init__(
+        self, js: JetStreamContext, stream: str, subject: str, from_seq: int, max_buffer: int
+    ) -> None:
+        self._js = js
+        self._stream = stream
+        self._subject = subject
+        self._from_seq = max(1, from_seq)
+        self._max_buffer = max_buffer
+        self._buffer: list[RawEvent] = []
+        self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._sub: Any = None
+        self._closed = False
+
+    async def __aenter__(self) -> EventFeed:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._sub = await self._js.subscribe(
+            self._subject,
+            stream=self._stream,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            config=ConsumerConfig(opt_start_seq=self._from_seq),
+            pending_msgs_limit=max(100_000, self._max_buffer * 4),
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+
+    async def _on_msg(self, msg: Msg) -> None:
+        while len(self._buffer) >= self._max_buffer and not self._closed:
+            self._space.clear()
+            await self._space.wait()
+        seq, timestamp_ns, pending = _ack_fields(msg.reply)
+        self._buffer.append(RawEvent(seq, msg.subject, msg.data, timestamp_ns, pending))
+        self._ready.set()
+
+    async def next_batch(
+        self, max_items: int = 1000, timeout: float | None = None
+    ) -> list[RawEvent]:
+        """Wait for events and take up to ``max_items`` of them (``[]`` on timeout)."""
+        if not self._buffer and not self._closed:
+            self._ready.clear()
+            if timeout is None:
+                await self._ready.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), timeout)
+        batch = self._buffer[:max_items]
+        del self._buffer[:max_items]
+        self._space.set()
+        return batch
+
+    async def batches(self, max_items: int = 1000) -> AsyncIterator[list[RawEvent]]:
+        while not self._closed:
+            batch = await self.next_batch(max_items)
+            if batch:
+                yield batch
+
+    async def stop(self) -> None:
+        self._closed = True
+        self._space.set()
+        self._ready.set()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+class _WrongLastSequence(PantheonError):
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+
+class _DuplicateInBatch(_WrongLastSequence):
+    """10201: a message id of the batch is already stored (checked before the sequence)."""
+
+
+def _map_api_error(err_code: int | None, description: str) -> PantheonError:
+    """The one place JetStream error codes become Pantheon errors."""
+    if err_code in _WRONG_LAST_SEQUENCE:
+        return _WrongLastSequence(description)
+    if err_code == JS_BATCH_DUPLICATE_MSG_ID:
+        return _DuplicateInBatch(description)
+    return UnavailableError(f"JetStream refused the append ({err_code}): {description}")
+
+
+def _ack_fields(reply: str) -> tuple[int, int, int]:
+    """(stream seq, timestamp ns, pending) from a JetStream ack subject, v1 or v2 layout."""
+    t = reply.split(".")
+    # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>
+    # v2: $JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>...
+    if len(t) == 9:
+        return int(t[5]), int(t[7]), int(t[8])
+    return int(t[7]), int(t[9]), int(t[10])
+
+
+def _seq_of(msg: Msg) -> int:
+    return int(msg.headers["Nats-Sequence"]) if msg.headers else 0

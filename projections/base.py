@@ -1,0 +1,207 @@
+"""What every read model is made of: tables, handlers, and a unit of work.
+
+A read model declares its tables and one handler per event type::
+
+    class TasksModel(ReadModel):
+        name = "tasks"
+        tables = (TASKS,)
+
+        @handles(TaskCancelled, load=aggregate_row(TASKS))
+        def cancelled(self, uow: Batch, ev: EventRecord) -> None: ...
+
+Handlers receive :class:`~pantheon_es.events.EventRecord` (envelope fields and
+the data as JSON, already upcast; the event class named in ``handles``
+documents its fields). They are synchronous and do no I/O: the projector first loads every row
+the batch's handlers declared (one ``SELECT ... IN`` per table), then runs the
+handlers against the :class:`Batch`, then writes all changed rows with one
+``executemany`` per table, in the same transaction as its checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from operator import itemgetter
+from typing import Any, ClassVar
+
+import aiosqlite
+import orjson
+from pydantic import BaseModel
+
+from pantheon_es.events import EventData, EventRecord
+
+Key = tuple[Any, ...]
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """One SQLite table of a read model."""
+
+    name: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    ddl: str  # CREATE TABLE and CREATE INDEX statements
+    json_columns: frozenset[str] = frozenset()
+
+    @property
+    def upsert_sql(self) -> str:
+        cols = ", ".join(self.columns)
+        marks = ", ".join("?" for _ in self.columns)
+        return f"INSERT OR REPLACE INTO {self.name} ({cols}) VALUES ({marks})"
+
+    @property
+    def delete_sql(self) -> str:
+        cond = " AND ".join(f"{k} = ?" for k in self.key)
+        return f"DELETE FROM {self.name} WHERE {cond}"
+
+    def select_sql(self, count: int) -> str:
+        """Rows sharing all key columns but the last, whose last key column is one of ``count``.
+
+        (A row-value ``(a, b) IN (VALUES ...)`` would scan the whole table.)
+        """
+        cols = ", ".join(self.columns)
+        prefix = "".join(f"{k} = ? AND " for k in self.key[:-1])
+        marks = ", ".join("?" for _ in range(count))
+        return f"SELECT {cols} FROM {self.name} WHERE {prefix}{self.key[-1]} IN ({marks})"
+
+    @cached_property
+    def _values(self) -> Callable[[Row], tuple[Any, ...]]:
+        return itemgetter(*self.columns)
+
+    @cached_property
+    def _json_positions(self) -> tuple[int, ...]:
+        return tuple(i for i, c in enumerate(self.columns) if c in self.json_columns)
+
+    @cached_property
+    def _key_values(self) -> Callable[[Row], Any]:
+        return itemgetter(*self.key)
+
+    def key_of(self, row: Row) -> Key:
+        value = self._key_values(row)
+        return (value,) if len(self.key) == 1 else tuple(value)
+
+    def to_params(self, row: Row) -> list[Any]:
+        """The row as statement parameters, JSON columns as text (the projector's hot path)."""
+        values = list(self._values(row))
+        for i in self._json_positions:
+            value = values[i]
+            if value is not None:
+                values[i] = orjson.dumps(value).decode()
+        return values
+
+    def from_db(self, values: Sequence[Any]) -> Row:
+        row = dict(zip(self.columns, values, strict=True))
+        for c in self.json_columns:
+            if row[c] is not None:
+                row[c] = orjson.loads(row[c])
+        return row
+
+
+@dataclass(slots=True)
+class Batch:
+    """The unit of work of one projector batch."""
+
+    rows: dict[tuple[str, Key], Row | None] = field(default_factory=dict)
+    dirty: dict[tuple[str, Key], Table] = field(default_factory=dict)
+    #: (tenant, model, id) -> current state for the KV bucket, or None when removed
+    changed: dict[tuple[str, str, str], Row | None] = field(default_factory=dict)
+    #: False when nobody reads ``changed`` (rebuilds, KV disabled)
+    track_changes: bool = True
+
+    def get(self, table: Table, key: Key) -> Row | None:
+        """A row loaded for this batch (or written earlier in it)."""
+        try:
+            return self.rows[(table.name, key)]
+        except KeyError:
+            raise KeyError(
+                f"{table.name}{key} was not loaded: declare it in the handler's load="
+            ) from None
+
+    def put(self, table: Table, row: Row) -> None:
+        k = (table.name, table.key_of(row))
+        self.rows[k] = row
+        self.dirty[k] = table
+
+    def delete(self, table: Table, key: Key) -> None:
+        k = (table.name, key)
+        self.rows[k] = None
+        self.dirty[k] = table
+
+    def publish(self, tenant: str, model: str, entity_id: str, state: Row | None) -> None:
+        """Mark an entity's current state for the KV bucket (last write in a batch wins)."""
+        if self.track_changes:
+            self.changed[(tenant, model, entity_id)] = state
+
+
+Handler = Callable[[Any, Batch, EventRecord], None]
+#: A read-model query: (read-only connection, tenant, validated body) -> result
+QueryFn = Callable[[aiosqlite.Connection, str, Any], Awaitable[dict[str, Any]]]
+Queries = dict[tuple[str, str], tuple[type[BaseModel], QueryFn]]
+Loader = Callable[[EventRecord], Iterable[tuple[Table, Key]]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Binding:
+    event_type: type[EventData]
+    fn: Handler
+    load: Loader | None
+
+
+def handles(
+    event_type: type[EventData], *, load: Loader | None = None
+) -> Callable[[Handler], Handler]:
+    """Mark a method as the handler of ``event_type``; ``load`` names the rows it reads."""
+
+    def deco(fn: Handler) -> Handler:
+        fn.__pantheon_binding__ = _Binding(event_type, fn, load)  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def aggregate_row(table: Table) -> Loader:
+    """Loader of the row keyed by the event's (tenant, aggregate id)."""
+
+    def load(event: EventRecord) -> Iterable[tuple[Table, Key]]:
+        return ((table, (event.tenant, event.aggregate_id)),)
+
+    return load
+
+
+class ReadModel:
+    """Base of every read model module's model class."""
+
+    name: ClassVar[str]
+    tables: ClassVar[tuple[Table, ...]]
+    #: (table, KV model) pairs whose rows are entity states in the KV bucket;
+    #: such tables have ``tenant``, ``id`` and ``last_seq`` columns.
+    kv_models: ClassVar[tuple[tuple[Table, str], ...]] = ()
+    _bindings: ClassVar[dict[str, _Binding]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bindings: dict[str, _Binding] = {}
+        for attr in vars(cls).values():
+            binding = getattr(attr, "__pantheon_binding__", None)
+            if binding is not None:
+                bindings[binding.event_type.event_type] = binding
+        cls._bindings = bindings
+
+    def kv_tables(self) -> tuple[tuple[Table, str], ...]:
+        return self.kv_models
+
+    def handled_types(self) -> frozenset[str]:
+        return frozenset(self._bindings)
+
+    def loads(self, event: EventRecord) -> Iterable[tuple[Table, Key]]:
+        binding = self._bindings.get(event.type)
+        if binding is None or binding.load is None:
+            return ()
+        return binding.load(event)
+
+    def apply(self, uow: Batch, event: EventRecord) -> None:
+        binding = self._bindings.get(event.type)
+        if binding is not None:
+            binding.fn(self, uow, event)
