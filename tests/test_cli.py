@@ -215,3 +215,47 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert "stream last sequence unchanged: True" in result.stdout
     assert "nats-server terminated" in result.stdout
     assert not (tmp_path / "demo" / "pantheon.json").exists()
+
+
+@pytest.mark.slow
+def test_up_with_nats_url_joins_an_existing_server_and_leaves_it_running(tmp_path: Path) -> None:
+    from pantheon_es.embedded import EmbeddedNats
+
+    with EmbeddedNats(tmp_path / "external") as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PANTHEON_")}
+        env["PANTHEON_NATS_URL"] = server.url
+        data_dir = tmp_path / "node"
+        with open(tmp_path / "up.log", "wb") as log:
+            proc = subprocess.Popen(
+                [*pantheon_argv(), "up", "--data-dir", str(data_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while not (data_dir / "pantheon.json").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "up.log"
+                ).read_text()
+                time.sleep(0.05)
+            info = json.loads((data_dir / "pantheon.json").read_text())
+            assert info["nats_url"] == server.url and info["embedded"] is False
+
+            def cli(*args: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [*pantheon_argv(), *args], capture_output=True, text=True, cwd=ROOT, env=env
+                )
+
+            task_id = cli("submit", "joined", "--", "true").stdout.strip()
+            assert json.loads(cli("status", task_id, "--json").stdout)["name"] == "joined"
+
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+            assert alive(server.pid or 0), "pantheon up stopped a server it did not start"
+            # The log outlives the node: a new node on the same server sees the task.
+            assert cli("events", "--json").returncode == 0
+            assert task_id in cli("events", "--json").stdout
+        finally:
+            proc.kill()
