@@ -175,17 +175,43 @@ def up(
             "(default: the shipped config's, 2m).",
         ),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Worker processes to start and supervise (0: none).")
+    ] = 2,
+    worker_slots: Annotated[
+        int, typer.Option(min=1, help="Tasks each local worker runs at once.")
+    ] = 16,
+    lease_ttl: Annotated[
+        float, typer.Option(min=0.5, help="Seconds a lease lives without a heartbeat.")
+    ] = 30.0,
+    inactivity_timeout: Annotated[
+        float,
+        typer.Option(min=0, help="Default inactivity timeout of running tasks, minutes (0: none)."),
+    ] = 30.0,
+    retention: Annotated[
+        float | None,
+        typer.Option(min=0, help="Archive finished tasks this many minutes after they finish."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run a node: embedded nats-server (unless --nats-url), command service, projector, queries.
+    """Run a node: NATS, command service, projections, scheduler and local workers.
 
-    Stops cleanly on Ctrl-C or SIGTERM and leaves no nats-server behind.
+    Starts an embedded nats-server unless --nats-url joins an existing one. Stops cleanly on Ctrl-C or SIGTERM (workers hand back what they run) and
+    leaves no nats-server or worker behind.
     """
     from pantheon_es.node import Node, NodeConfig
+    from pantheon_es.scheduler import SchedulerConfig
 
     logs.configure(log_level)
     config = NodeConfig(
-        data_dir=data_dir, nats_url=nats_url, root=root, sync_interval=sync_interval
+        data_dir=data_dir,
+        nats_url=nats_url,
+        root=root,
+        sync_interval=sync_interval,
+        workers=workers,
+        worker_slots=worker_slots,
+        scheduler=SchedulerConfig(lease_ttl=lease_ttl, inactivity_timeout=inactivity_timeout * 60),
+        retention=retention * 60 if retention is not None else None,
     )
 
     async def main() -> None:
@@ -196,7 +222,8 @@ def up(
         async with node:
             err.print(
                 f"[green]pantheon up[/green]: NATS {node.nats_url}  data {data_dir.resolve()}\n"
-                "  try: pantheon submit hello -- echo hi   |   pantheon list   |   Ctrl-C to stop",
+                f"  {workers} local worker(s); try: pantheon spawn 'hello'  |  pantheon monitor  |  "
+                "Ctrl-C to stop",
                 highlight=False,
             )
             await node.run()
@@ -238,13 +265,26 @@ def submit(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Submitting again with this key returns the same task.")
     ] = None,
+    inactivity_timeout: Annotated[
+        float | None,
+        typer.Option(min=0, help="Minutes without activity before it times out (0: never)."),
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(min=1, help="Leases it may lose (worker died) before it fails.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until it finishes and print its final state.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = 3600,
     json_out: Json = False,
     nats_url: NatsUrl = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     tenant: Tenant = "default",
     root: Root = "pantheon",
 ) -> None:
-    """Submit a task; prints its id.
+    """Submit a task; prints its id (with --wait, its final state).
 
     Examples: `pantheon submit build -- make all`,
     `pantheon submit score --python mypkg.jobs:score --kwargs '{"n": 3}'`.
@@ -285,23 +325,25 @@ def submit(
             raise typer.BadParameter(f"--resource amount must be a number: {exc}") from None
     prio: str | int = int(priority) if priority.isdigit() else priority
 
-    result = _run(
-        _with_client(
-            nats_url,
-            data_dir,
-            tenant,
-            root,
-            lambda c: c.submit_task(
-                name,
-                spec,
-                priority=prio,
-                resources=resources or None,
-                labels=_pairs(label, "--label") or None,
-                idempotency_key=idempotency_key,
-            ),
+    async def go(c: PantheonClient) -> dict[str, Any]:
+        result = await c.submit_task(
+            name,
+            spec,
+            priority=prio,
+            resources=resources or None,
+            labels=_pairs(label, "--label") or None,
+            idempotency_key=idempotency_key,
+            inactivity_timeout=inactivity_timeout * 60 if inactivity_timeout is not None else None,
+            max_attempts=max_attempts,
         )
-    )
-    if json_out:
+        if wait:
+            return await c.wait_for_task(result["task_id"], timeout=timeout)
+        return result
+
+    result = _run(_with_client(nats_url, data_dir, tenant, root, go))
+    if wait:
+        _show_finished(result, json_out)
+    elif json_out:
         _print_json({"id": result["task_id"]})
     else:
         print(result["task_id"])
@@ -356,6 +398,9 @@ def list_(
         list[str] | None, typer.Option("--status", help="Only tasks in this status (repeatable).")
     ] = None,
     name: Annotated[str | None, typer.Option(help="Only tasks with this name.")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="agent: only agents; task: only non-agent tasks.")
+    ] = None,
     label: Annotated[
         list[str] | None, typer.Option("--label", help="KEY=VALUE that must match.")
     ] = None,
@@ -371,6 +416,7 @@ def list_(
     """List tasks, newest first, a page at a time."""
     filters: dict[str, Any] = {
         "status": status_ or None,
+        "kind": kind,
         "name": name,
         "labels": _pairs(label, "--label") or None,
         "limit": limit,
@@ -382,11 +428,334 @@ def list_(
         _print_json(page)
         return
     out.print(tasks_table(page["items"]))
+    summary = page.get("summary", {})
     out.print(
         f"page {page['current_page']} of {page['total_pages']}, {page['total']} task(s)"
-        + ("; more with --offset" if page["has_more"] else ""),
+        + ("; more with --offset" if page["has_more"] else "")
+        + f"  |  live: {summary.get('active', 0)} active, "
+        f"{summary.get('waiting_for_input', 0)} waiting for input, {summary.get('idle', 0)} idle",
         highlight=False,
     )
+
+
+def _show_finished(task: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        _print_json(task)
+        return
+    line = f"{task['id']} {task['status']}"
+    if task.get("duration_s") is not None:
+        line += f" in {task['duration_s']:.3f}s"
+    print(line)
+    if task.get("result") is not None:
+        print(orjson.dumps(task["result"]).decode())
+    if task.get("error"):
+        err.print(f"{task['error']['type']}: {task['error']['message']}", highlight=False)
+
+
+# -- agents --------------------------------------------------------------------------------------
+
+
+@app.command()
+def spawn(
+    prompt: Annotated[str, typer.Argument(help="What the agent is to do.")],
+    file: Annotated[
+        list[str] | None, typer.Option("--file", help="A file for the agent (repeatable).")
+    ] = None,
+    delegate: Annotated[
+        list[str] | None,
+        typer.Option("--delegate", help="An agent it may delegate to (repeatable)."),
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(help="Agent command template (default: the built-in offline agent)."),
+    ] = None,
+    name: Annotated[str, typer.Option(help="A name for the agent.")] = "agent",
+    priority: Annotated[str, typer.Option(help="low|medium|high|urgent or 0..1000.")] = "medium",
+    label: Annotated[list[str] | None, typer.Option("--label", help="Label KEY=VALUE.")] = None,
+    inactivity_timeout: Annotated[
+        float | None, typer.Option(min=0, help="Minutes without activity before it times out.")
+    ] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Spawn an agent with a prompt, files and delegates; prints the agent's id."""
+    prio: str | int = int(priority) if priority.isdigit() else priority
+    result = _run(
+        _with_client(
+            nats_url,
+            data_dir,
+            tenant,
+            root,
+            lambda c: c.spawn_agent(
+                prompt,
+                files=file,
+                delegates=delegate,
+                template=template,
+                name=name,
+                priority=prio,
+                labels=_pairs(label, "--label") or None,
+                inactivity_timeout=inactivity_timeout * 60
+                if inactivity_timeout is not None
+                else None,
+            ),
+        )
+    )
+    if json_out:
+        _print_json({"id": result["agent_id"]})
+    else:
+        print(result["agent_id"])
+
+
+@app.command()
+def monitor(
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Agents at a glance: totals by status, and each agent's task, status and times."""
+    view = _run(_with_client(nats_url, data_dir, tenant, root, lambda c: c.monitor()))
+    if json_out:
+        _print_json(view)
+        return
+    totals = ", ".join(f"{n} {s}" for s, n in view["totals"].items() if n)
+    out.print(f"{view['total']} agent(s)" + (f": {totals}" if totals else ""), highlight=False)
+    table = Table("STATUS", "ACTIVITY", "TASK", "STARTED", "LAST ACTIVITY", "DURATION", "MSGS")
+    table.add_column("AGENT", no_wrap=True, min_width=26)
+    for a in view["agents"]:
+        table.add_row(
+            a["status"],
+            a["activity"] or "-",
+            (a["task"] or "")[:60],
+            (a["started_at"] or "-")[:19].replace("T", " "),
+            (a["last_activity_at"] or "-")[:19].replace("T", " "),
+            f"{a['duration_s']:.1f}s" if a["duration_s"] is not None else "-",
+            str(a["pending_messages"]),
+            a["agent_id"],
+        )
+    out.print(table)
+
+
+@app.command()
+def send(
+    agent_id: Annotated[str, typer.Argument(help="The recipient agent (task) id.")],
+    message: Annotated[str, typer.Argument(help="The message.")],
+    priority: Annotated[str, typer.Option(help="low|medium|high|urgent")] = "medium",
+    type_: Annotated[
+        str, typer.Option("--type", help="instruction|query|update|coordination|status_request")
+    ] = "update",
+    sender: Annotated[
+        str | None,
+        typer.Option(envvar="PANTHEON_TASK_ID", help="Who sends it (inside an agent: its own id)."),
+    ] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Send a message to an agent; pending messages are delivered highest priority first."""
+    result = _run(
+        _with_client(
+            nats_url,
+            data_dir,
+            tenant,
+            root,
+            lambda c: c.send_message(
+                agent_id, message, priority=priority, type=type_, sender=sender
+            ),
+        )
+    )
+    if json_out:
+        _print_json(result)
+    else:
+        print(result["message_id"])
+
+
+@app.command()
+def inbox(
+    agent_id: Annotated[
+        str | None,
+        typer.Argument(envvar="PANTHEON_TASK_ID", help="Whose inbox (inside an agent: its own)."),
+    ] = None,
+    max_: Annotated[
+        int, typer.Option("--max", min=1, max=100, help="Messages to take at most.")
+    ] = 10,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Block until a message arrives (see --timeout).")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait at most.")] = 300.0,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Take an agent's pending messages (delivered and marked read), highest priority first."""
+    if not agent_id:
+        raise typer.BadParameter("give the agent id (or run inside an agent: PANTHEON_TASK_ID)")
+    messages = _run(
+        _with_client(
+            nats_url,
+            data_dir,
+            tenant,
+            root,
+            lambda c: c.receive_messages(
+                agent_id, max=max_, ack=True, wait=timeout if wait else None
+            ),
+        )
+    )
+    if json_out:
+        _print_json(messages)
+        return
+    for m in messages:
+        out.print(
+            f"[bold]{m['priority']:>6}[/bold] {m['type']:<14} from {m['sender']}  {m['sent_at']}\n  {m['body']}",
+            highlight=False,
+        )
+    if not messages:
+        err.print("no messages", highlight=False)
+
+
+@app.command()
+def cleanup(
+    older_than: Annotated[
+        float, typer.Option(min=0, help="Archive tasks finished more than this many minutes ago.")
+    ],
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Archive finished (completed, failed, cancelled, timed out) tasks; the log keeps them."""
+    result = _run(_with_client(nats_url, data_dir, tenant, root, lambda c: c.cleanup(older_than)))
+    if json_out:
+        _print_json(result)
+    else:
+        print(f"archived {result['archived']} task(s)")
+
+
+@app.command("workers")
+def workers_(
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Registered workers: status, capacity, running tasks, resource use."""
+    page = _run(_with_client(nats_url, data_dir, tenant, root, lambda c: c.list_workers()))
+    if json_out:
+        _print_json(page)
+        return
+    table = Table(
+        "WORKER", "STATUS", "CPU", "MEMORY", "SLOTS", "RUNNING", "CPU%", "RSS MB", "LAST SEEN"
+    )
+    for w in page["items"]:
+        table.add_row(
+            w["id"],
+            w["status"],
+            f"{w['capacity']['cpu']:g}",
+            str(w["capacity"]["memory_mb"]),
+            str(w["slots"]),
+            str(w["running"]),
+            "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.0f}",
+            "-" if w["memory_mb"] is None else f"{w['memory_mb']:.0f}",
+            w["last_heartbeat_at"][:19].replace("T", " "),
+        )
+    out.print(table)
+
+
+@app.command()
+def worker(
+    worker_id: Annotated[
+        str | None, typer.Option(help="Worker id (default: <host>-<random>); one process per id.")
+    ] = None,
+    cpu: Annotated[float | None, typer.Option(help="CPU cores offered (default: all).")] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option(help="Memory offered, MiB (default: all).")
+    ] = None,
+    gpu: Annotated[int, typer.Option(help="GPUs offered.")] = 0,
+    resource: Annotated[
+        list[str] | None, typer.Option("--resource", help="Custom resource NAME=AMOUNT offered.")
+    ] = None,
+    slots: Annotated[int, typer.Option(min=1, help="Tasks it runs at once.")] = 16,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Label KEY=VALUE.")] = None,
+    ttl: Annotated[
+        float, typer.Option(min=1, help="Declared lost this long after its last heartbeat.")
+    ] = 15.0,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM/Ctrl-C: seconds to let running tasks finish.")
+    ] = 30.0,
+    agent_template: Annotated[
+        list[str] | None,
+        typer.Option(
+            help='Agent command template NAME=JSON-argv, e.g. claude=\'["claude", "-p", "{prompt}"]\'.'
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Run a worker: register capacity, take offers, run tasks, report; Ctrl-C drains."""
+    from pantheon_es.worker import Worker, WorkerConfig, default_capacity
+
+    logs.configure(log_level)
+    capacity = default_capacity()
+    if cpu is not None:
+        capacity["cpu"] = cpu
+    if memory_mb is not None:
+        capacity["memory_mb"] = memory_mb
+    capacity["gpu"] = gpu
+    try:
+        capacity["custom"] = {k: float(v) for k, v in _pairs(resource, "--resource").items()}
+    except ValueError as exc:
+        raise typer.BadParameter(f"--resource amount must be a number: {exc}") from None
+    templates: dict[str, list[str]] = {}
+    for item in agent_template or []:
+        key, _, value = item.partition("=")
+        try:
+            argv = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise typer.BadParameter(f"--agent-template {key}: not JSON: {exc}") from None
+        if not key or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise typer.BadParameter('--agent-template takes NAME=["argv", ...]')
+        templates[key] = argv
+
+    async def main() -> None:
+        url, ns = nats_url, root
+        if url is None:
+            info = discover(data_dir)
+            url, ns = info["nats_url"], info.get("root", root)
+        config = WorkerConfig(
+            nats_url=url,
+            tenant=tenant,
+            root=ns,
+            worker_id=worker_id,
+            capacity=capacity,
+            slots=slots,
+            labels=_pairs(label, "--label"),
+            ttl=ttl,
+            shutdown_timeout=shutdown_timeout,
+            data_dir=data_dir,
+            agent_templates=templates,
+        )
+        w = Worker(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, w.request_stop)
+        await w.start()
+        err.print(f"[green]worker[/green] {w.worker_id} ({tenant}) on {url}", highlight=False)
+        await w.run()
+
+    _run(main())
 
 
 # -- events ----------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ subject, read ``{"ok": ...}`` from the reply (see docs/protocol.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from pantheon_es.errors import PantheonError, UnavailableError, error_from_reply
 from pantheon_es.subjects import Subjects
 
 DISCOVERY_FILE = "pantheon.json"
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
 
 
 def discover(data_dir: Path | str) -> dict[str, Any]:
@@ -123,15 +126,84 @@ class PantheonClient:
         resources: dict[str, Any] | None = None,
         labels: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        task_id: str | None = None,
+        inactivity_timeout: float | None = None,
+        max_attempts: int | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "executor": executor, "priority": priority}
-        if resources:
-            body["resources"] = resources
-        if labels:
-            body["labels"] = labels
-        if idempotency_key:
-            body["idempotency_key"] = idempotency_key
+        _put(
+            body,
+            resources=resources,
+            labels=labels,
+            idempotency_key=idempotency_key,
+            task_id=task_id,
+            inactivity_timeout=inactivity_timeout,
+            max_attempts=max_attempts,
+        )
         return await self.command("task", "submit", body)
+
+    async def spawn_agent(
+        self,
+        prompt: str,
+        *,
+        files: list[str] | None = None,
+        delegates: list[str] | None = None,
+        template: str | None = None,
+        name: str | None = None,
+        priority: str | int = "medium",
+        resources: dict[str, Any] | None = None,
+        labels: dict[str, str] | None = None,
+        agent_id: str | None = None,
+        inactivity_timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": prompt, "priority": priority}
+        _put(
+            body,
+            files=files,
+            delegates=delegates,
+            template=template,
+            name=name,
+            resources=resources,
+            labels=labels,
+            agent_id=agent_id,
+            inactivity_timeout=inactivity_timeout,
+            idempotency_key=idempotency_key,
+        )
+        return await self.command("task", "spawn", body)
+
+    async def wait_for_task(
+        self, task_id: str, *, timeout: float = 60.0, statuses: frozenset[str] = TERMINAL_STATUSES
+    ) -> dict[str, Any]:
+        """The task's state once it reaches one of ``statuses`` (default: finished).
+
+        Listens to the task's committed-event notices, so it hears of the
+        change as soon as the event is stored, then reads the state.
+        """
+        changed = asyncio.Event()
+
+        async def on_notice(msg: Any) -> None:
+            changed.set()
+
+        sub = await self.nc.subscribe(
+            self.subjects.changed(self.tenant, "task", task_id), cb=on_notice
+        )
+        try:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                changed.clear()
+                state = await self.get_task(task_id)
+                if state["status"] in statuses:
+                    return state
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise UnavailableError(
+                        f"task {task_id} still {state['status']} after {timeout}s", retry_after=1.0
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+        finally:
+            await sub.unsubscribe()
 
     async def cancel_task(self, task_id: str, reason: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"task_id": task_id}
@@ -139,11 +211,123 @@ class PantheonClient:
             body["reason"] = reason
         return await self.command("task", "cancel", body)
 
+    async def archive_task(self, task_id: str, reason: str = "cleanup") -> dict[str, Any]:
+        return await self.command("task", "archive", {"task_id": task_id, "reason": reason})
+
+    async def cleanup(self, older_than_minutes: float) -> dict[str, Any]:
+        return await self.command("task", "cleanup", {"older_than_minutes": older_than_minutes})
+
     async def get_task(self, task_id: str) -> dict[str, Any]:
         return await self.query("task", "get", {"task_id": task_id})
 
     async def list_tasks(self, **filters: Any) -> dict[str, Any]:
         return await self.query("task", "list", {k: v for k, v in filters.items() if v is not None})
+
+    async def monitor(self) -> dict[str, Any]:
+        return await self.query("task", "monitor", {})
+
+    async def list_workers(self, **filters: Any) -> dict[str, Any]:
+        return await self.query(
+            "worker", "list", {k: v for k, v in filters.items() if v is not None}
+        )
+
+    async def list_messages(self, **filters: Any) -> dict[str, Any]:
+        return await self.query(
+            "mailbox", "list", {k: v for k, v in filters.items() if v is not None}
+        )
+
+    # -- reports from the holder of a lease ---------------------------------------------------------
+    async def report_progress(
+        self,
+        task_id: str,
+        lease_id: str,
+        fencing_token: int,
+        *,
+        progress: float | None = None,
+        message: str = "",
+        state: str = "active",
+    ) -> dict[str, Any]:
+        body = {
+            "task_id": task_id,
+            "lease_id": lease_id,
+            "fencing_token": fencing_token,
+            "message": message,
+            "state": state,
+        }
+        _put(body, progress=progress)
+        return await self.command("task", "progress", body)
+
+    async def heartbeat(
+        self,
+        task_id: str,
+        lease_id: str,
+        fencing_token: int,
+        *,
+        activity: bool = True,
+        usage: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "task_id": task_id,
+            "lease_id": lease_id,
+            "fencing_token": fencing_token,
+            "activity": activity,
+        }
+        _put(body, usage=usage)
+        return await self.command("task", "heartbeat", body)
+
+    # -- messages -----------------------------------------------------------------------------------
+    async def send_message(
+        self,
+        to: str,
+        body: str,
+        *,
+        priority: str = "medium",
+        type: str = "update",
+        sender: str | None = None,
+    ) -> dict[str, Any]:
+        request: dict[str, Any] = {"to": to, "body": body, "priority": priority, "type": type}
+        _put(request, sender=sender)
+        return await self.command("mailbox", "send", request)
+
+    async def receive_messages(
+        self, agent_id: str, *, max: int = 10, ack: bool = True, wait: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Take pending messages, highest priority first; with ``wait``, block up to that long."""
+        subject = self.subjects.changed(self.tenant, "mailbox", agent_id)
+        arrived = asyncio.Event()
+
+        async def on_notice(msg: Any) -> None:
+            arrived.set()
+
+        sub = await self.nc.subscribe(subject, cb=on_notice) if wait else None
+        try:
+            deadline = asyncio.get_running_loop().time() + (wait or 0)
+            while True:
+                arrived.clear()
+                result = await self.command(
+                    "mailbox", "receive", {"agent_id": agent_id, "max": max, "ack": ack}
+                )
+                messages: list[dict[str, Any]] = result["messages"]
+                remaining = deadline - asyncio.get_running_loop().time()
+                if messages or not wait or remaining <= 0:
+                    return messages
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), remaining)
+        finally:
+            if sub is not None:
+                await sub.unsubscribe()
+
+    async def ack_messages(self, agent_id: str, message_ids: list[str]) -> dict[str, Any]:
+        return await self.command(
+            "mailbox", "ack", {"agent_id": agent_id, "message_ids": message_ids}
+        )
+
+
+def _put(body: dict[str, Any], **optional: Any) -> None:
+    """Add the optional fields that were given (not None, not empty)."""
+    for key, value in optional.items():
+        if value is not None and value != [] and value != {}:
+            body[key] = value
 
 
 __all__ = ["PantheonClient", "PantheonError", "discover"]

@@ -39,11 +39,12 @@ class Command(BaseModel):
         cls, *, aggregate: str | None = None, verb: str | None = None, **kwargs: Any
     ) -> None:
         super().__init_subclass__(**kwargs)
-        if aggregate is None or verb is None:
+        if aggregate is not None:
+            cls.aggregate = aggregate
+        if verb is None:  # abstract, or internal: decided by the scheduler, never routed
             return
-        cls.aggregate = aggregate
         cls.verb = verb
-        key = (aggregate, verb)
+        key = (cls.aggregate, verb)
         if key in COMMANDS and COMMANDS[key] is not cls:
             raise TypeError(f"command {aggregate}.{verb} is already registered")
         COMMANDS[key] = cls
@@ -52,9 +53,26 @@ class Command(BaseModel):
         """The id of the aggregate this command acts on (``None`` when it creates one)."""
         raise NotImplementedError
 
-    def body(self) -> dict[str, Any]:
+    def related(self) -> list[tuple[str, str]]:
+        """Other aggregates (kind, id) whose current state ``decide`` needs to see."""
+        return []
+
+    def request_body(self) -> dict[str, Any]:
         """The JSON body a client publishes (defaults left out)."""
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+
+
+class BulkCommand(Command):
+    """A command that acts on many aggregates by issuing single commands (cleanup).
+
+    The service calls :meth:`run` instead of deciding on one aggregate.
+    """
+
+    def target_id(self) -> str | None:
+        return None
+
+    async def run(self, service: Any, tenant: str) -> dict[str, Any]:
+        raise NotImplementedError
 
 
 #: (aggregate, verb) -> command class

@@ -7,11 +7,12 @@ so they are tested in microseconds and replay gives the same answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from pantheon_es import ids
 from pantheon_es.commands import Command
 from pantheon_es.events import Event, EventData
 
@@ -20,11 +21,18 @@ S = TypeVar("S")
 
 @dataclass(frozen=True, slots=True)
 class DecideContext:
-    """Everything ``decide`` may know besides state and command."""
+    """Everything ``decide`` may know besides state and command.
+
+    ``related`` holds read-only states of other aggregates the command names
+    (:meth:`Command.related`), e.g. the recipient task of a message.
+    """
 
     tenant: str
     aggregate_id: str
     now: datetime
+    related: Mapping[tuple[str, str], Any] = field(default_factory=dict)
+    #: Source of new ids (message ids, ...): injected so decide stays deterministic in tests.
+    new_id: Callable[[], str] = ids.new_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,6 +198,7 @@ class EventRecord(NamedTuple):
     seq: int
     event_id: str
     type: str
+    schema_version: int  # always the current one: records are upcast
     tenant: str
     aggregate: str
     aggregate_id: str
@@ -216,6 +217,7 @@ def decode_record(payload: bytes, seq: int) -> EventRecord:
             seq,
             raw["event_id"],
             raw["type"],
+            raw["schema_version"],
             raw["tenant"],
             raw["aggregate"],
             raw["aggregate_id"],

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+import structlog.tracebacks
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
@@ -34,7 +35,10 @@ def configure(
     ]
     if as_json:
         processors += [
-            structlog.processors.dict_tracebacks,
+            # No locals in logged tracebacks: they would carry environments and payloads.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
     else:

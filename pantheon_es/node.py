@@ -26,6 +26,9 @@ from nats.aio.client import Client as NATS
 from pantheon_es.client import DISCOVERY_FILE
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.errors import UnavailableError
+from pantheon_es.pool import WorkerPool
+from pantheon_es.retention import Janitor
+from pantheon_es.scheduler import Scheduler, SchedulerConfig
 from pantheon_es.service import CommandService, ServiceConfig
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
@@ -44,7 +47,14 @@ class NodeConfig:
     sync_interval: str | None = None
     store: StoreConfig = field(default_factory=StoreConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     projector_batch: int = 2000
+    #: Worker processes the node starts and supervises (0: none; run `pantheon worker`).
+    workers: int = 2
+    worker_tenant: str = "default"
+    worker_slots: int = 16
+    #: Archive finished tasks this many seconds after they finished (None: keep).
+    retention: float | None = None
 
 
 def tune_gc() -> None:
@@ -72,6 +82,9 @@ class Node:
         self.service: CommandService | None = None
         self.projector: Projector | None = None
         self.query: QueryService | None = None
+        self.scheduler: Scheduler | None = None
+        self.janitor: Janitor | None = None
+        self.pool: WorkerPool | None = None
         self.nats_url = config.nats_url or ""
         self._stop = asyncio.Event()
         self._started = False
@@ -119,6 +132,26 @@ class Node:
         await self.query.start()
         self.service = CommandService(self.nc, self.store, cfg.service)
         await self.service.start()
+        # The scheduler starts from the read models at the projector's checkpoint and
+        # then sees every batch the projector decodes (one read of the log for both).
+        self.scheduler = Scheduler(self.nc, self.service, self.subjects, cfg.scheduler)
+        assert self.projector.db is not None
+        head = await self.store.last_seq()
+        self.scheduler.bootstrap(self.projector.db, self.projector.position, head)
+        self.projector.sinks.append(self.scheduler.feed)
+        if cfg.retention is not None:
+            self.janitor = Janitor(self.service, self.projector.db, cfg.retention)
+            self.projector.sinks.append(self.janitor.feed)
+        if cfg.workers > 0:
+            self.pool = WorkerPool(
+                self.nats_url,
+                cfg.root,
+                cfg.data_dir,
+                size=cfg.workers,
+                tenant=cfg.worker_tenant,
+                slots=cfg.worker_slots,
+            )
+            await self.pool.start()
         self._write_discovery()
         self._started = True
         tune_gc()
@@ -147,6 +180,12 @@ class Node:
             projector = group.create_task(self.projector.run(), name="projector")
             group.create_task(self.service.run(), name="command-service")
             group.create_task(self.query.run(), name="query-service")
+            if self.scheduler is not None:
+                group.create_task(self.scheduler.run(), name="scheduler")
+            if self.janitor is not None:
+                group.create_task(self.janitor.run(), name="janitor")
+            if self.pool is not None:
+                group.create_task(self.pool.supervise(), name="worker-pool")
             stop = group.create_task(self._stop.wait(), name="stop")
             await asyncio.wait({projector, stop}, return_when=asyncio.FIRST_COMPLETED)
             await self.shutdown()
@@ -154,6 +193,12 @@ class Node:
     async def shutdown(self) -> None:
         """Stop everything in reverse order. Idempotent."""
         self._stop.set()
+        if self.pool is not None:  # workers first: they hand back leases through the service
+            await self.pool.stop()
+        if self.janitor is not None:
+            self.janitor.shutdown()
+        if self.scheduler is not None:
+            await self.scheduler.shutdown()
         if self.service is not None:
             await self.service.shutdown()
         if self.query is not None:

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from pantheon_es import aggregates, ids
-from pantheon_es.commands import COMMANDS, Command
+from pantheon_es.commands import COMMANDS, BulkCommand, Command
 from pantheon_es.domain import AggregateType, DecideContext
 from pantheon_es.endpoint import invalid, parse_body, respond, route
 from pantheon_es.errors import ConcurrencyError, ConflictError
@@ -136,6 +136,8 @@ class CommandService:
             nc.jetstream(), self.subjects, self.config.idempotency_ttl, store.config.replicas
         )
         self._locks = _KeyedLocks()
+        #: keys whose "new aggregate" assumption failed (a client-chosen id that exists)
+        self._conflicted: set[tuple[str, str, str]] = set()
         self._slots = asyncio.Semaphore(self.config.max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
@@ -200,8 +202,16 @@ class CommandService:
             raise invalid(cls.__name__, exc) from None
         return await self.execute(parsed.tenant, command)
 
-    async def execute(self, tenant: str, command: Command) -> dict[str, Any]:
-        """Decide and append one validated command; returns the reply's result."""
+    async def execute(
+        self, tenant: str, command: Command, *, known: tuple[Any, int] | None = None
+    ) -> dict[str, Any]:
+        """Decide and append one validated command; returns the reply's result.
+
+        ``known`` is (state, last seq) of the target aggregate when the caller
+        already holds it (the scheduler does); a stale one costs one retry.
+        """
+        if isinstance(command, BulkCommand):
+            return await command.run(self, tenant)
         command_id = ids.new_id()
         correlation_id = command.correlation_id or command_id
         with structlog.contextvars.bound_contextvars(
@@ -209,7 +219,7 @@ class CommandService:
         ):
             if command.idempotency_key is not None:
                 return await self._execute_keyed(tenant, command, command_id, correlation_id)
-            return await self._execute_once(tenant, command, command_id, correlation_id)
+            return await self._execute_once(tenant, command, command_id, correlation_id, known)
 
     async def _plan(
         self,
@@ -217,15 +227,22 @@ class CommandService:
         command: Command,
         command_id: str,
         correlation_id: str,
+        known: tuple[Any, int] | None = None,
     ) -> _Plan:
         tenant, aggregate, aggregate_id = key
         kind = aggregates.AGGREGATE_TYPES[aggregate]
-        if command.creates:
-            state, seq = None, 0  # a fresh id: a new aggregate, nothing to load
+        if known is not None:
+            state, seq = known
+        elif command.creates and key not in self._conflicted:
+            state, seq = None, 0  # a new aggregate: nothing to load (append checks seq 0)
         else:
             state, seq = await self.cache.load(kind, tenant, aggregate_id)
+        related = {}
+        for other, other_id in command.related():
+            other_kind = aggregates.AGGREGATE_TYPES[other]
+            related[(other, other_id)] = (await self.cache.load(other_kind, tenant, other_id))[0]
         now = datetime.now(UTC)
-        decision = kind.decide(state, command, DecideContext(tenant, aggregate_id, now))
+        decision = kind.decide(state, command, DecideContext(tenant, aggregate_id, now, related))
         events = [
             make_event(
                 data,
@@ -254,19 +271,32 @@ class CommandService:
         target = command.target_id()
         return (tenant, command.aggregate, target if target is not None else ids.new_id())
 
+    def _conflict(self, key: tuple[str, str, str]) -> None:
+        """Forget what we believed about ``key``; the next plan loads it from the log."""
+        self.cache.evict(key)
+        self._conflicted.add(key)
+        if len(self._conflicted) > 10_000:
+            self._conflicted.clear()
+
     async def _execute_once(
-        self, tenant: str, command: Command, command_id: str, correlation_id: str
+        self,
+        tenant: str,
+        command: Command,
+        command_id: str,
+        correlation_id: str,
+        known: tuple[Any, int] | None = None,
     ) -> dict[str, Any]:
         key = self._key(tenant, command)
         async with self._locks.hold(key):
             for _attempt in range(self.config.decide_attempts):
-                plan = await self._plan(key, command, command_id, correlation_id)
+                plan = await self._plan(key, command, command_id, correlation_id, known)
                 if not plan.events:
                     return {**plan.result, "seq": plan.expected_seq}
                 try:
                     seq = await self._append(plan)
-                except ConcurrencyError:  # another replica wrote: reload, decide again
-                    self.cache.evict(key)
+                except ConcurrencyError:  # another writer: reload, decide again
+                    self._conflict(key)
+                    known = None
                     continue
                 return {**plan.result, "seq": seq}
         raise ConflictError(
@@ -315,7 +345,7 @@ class CommandService:
                 try:
                     seq = await self._append(plan)
                 except ConcurrencyError:
-                    self.cache.evict(key)
+                    self._conflict(key)
                     await index.release(ikey, revision)
                     continue
                 # Any other failure leaves the claim pending: the append may have

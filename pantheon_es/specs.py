@@ -121,3 +121,27 @@ class AgentSpec(Frozen):
 
 
 ExecutorSpec = Annotated[ShellSpec | PythonSpec | AgentSpec, Field(discriminator="kind")]
+
+
+# -- what workers report --------------------------------------------------------------------------
+
+
+class Usage(Frozen):
+    """Measured use of what a task runs (psutil), as reported by its worker."""
+
+    cpu_percent: float = Field(
+        0.0, ge=0, description="Percent of one core, averaged since the last report."
+    )
+    memory_mb: float = Field(0.0, ge=0, description="Resident memory of the process tree, MiB.")
+
+
+class ErrorInfo(Frozen):
+    """Why a task failed."""
+
+    type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    message: Annotated[str, StringConstraints(max_length=20_000)] = ""
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+#: Seconds, as sent by clients (fractions allowed).
+Seconds = Annotated[float, Field(ge=0, le=365 * 24 * 3600)]

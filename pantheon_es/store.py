@@ -190,12 +190,14 @@ class EventStore:
                     last = await self._publish_one(subject, payloads[0], msg_ids[0], expected_seq)
                 else:
                     last = await self._publish_batch(subject, payloads, msg_ids, expected_seq)
+                await self._notify(first, payloads, last)
                 return AppendResult(last - len(payloads) + 1, last)
             except _WrongLastSequence as exc:
                 # Both answers can mean "an earlier attempt of this append was written".
                 landed = await self.landed_seq(subject, expected_seq, msg_ids)
                 if landed is not None:
                     # An earlier attempt of ours was written; its ack was lost.
+                    await self._notify(first, payloads, landed + len(msg_ids) - 1)
                     return AppendResult(landed, landed + len(msg_ids) - 1, already_written=True)
                 if isinstance(exc, _DuplicateInBatch):
                     raise InternalError(
@@ -220,6 +222,14 @@ class EventStore:
                     ) from exc
                 await asyncio.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
+
+    async def _notify(self, first: Event[Any], payloads: Sequence[bytes], last_seq: int) -> None:
+        """Core-NATS notice of each appended event, sent only after its ack."""
+        subject = self.subjects.changed(first.tenant, first.aggregate, first.aggregate_id)
+        seq = last_seq - len(payloads) + 1
+        for payload in payloads:
+            await self.nc.publish(subject, payload, headers={"Nats-Sequence": str(seq)})
+            seq += 1
 
     async def _publish_one(
         self, subject: str, payload: bytes, msg_id: str, expected_seq: int

@@ -9,6 +9,7 @@ Layout (root ``pantheon``)::
     pantheon.cmd.<tenant>.<aggregate>.<verb>    commands (core request/reply)
     pantheon.q.<tenant>.<model>.<verb>          read-model queries (request/reply)
     pantheon.ev.<tenant>.<aggregate>.<id>       events, stream PANTHEON_EVENTS
+    pantheon.changed.<tenant>.<aggregate>.<id>  committed-event notices (core, live only)
     pantheon.work.<tenant>.<worker_id>          work offers
     KV pantheon-state   key <tenant>.<model>.<id>
     KV pantheon-idem    key <tenant>.<digest>   idempotency claims
@@ -113,6 +114,18 @@ class Subjects:
         if len(parts) != 5 or parts[0] != self.root or parts[1] != "ev":
             raise ValueError(f"not an event subject of {self.root!r}: {subject!r}")
         return parts[2], parts[3], parts[4]
+
+    def changed(
+        self,
+        tenant: str | None = None,
+        aggregate: str | None = None,
+        aggregate_id: str | None = None,
+    ) -> str:
+        """Notices of appended events (after the ack); ``None`` parts are wildcards."""
+        t = "*" if tenant is None else check_token("tenant", tenant)
+        a = "*" if aggregate is None else aggregate
+        i = "*" if aggregate_id is None else check_token("id", aggregate_id)
+        return f"{self.root}.changed.{t}.{a}.{i}"
 
     # -- commands and queries ----------------------------------------------------
     def command(self, tenant: str, aggregate: str, verb: str) -> str:

@@ -1,41 +1,77 @@
-"""The task aggregate: its commands, events, state and pure decide/evolve.
+"""The task aggregate: commands, events, state and the pure decide/evolve.
 
-A task is submitted (``pending``) and may be cancelled (``cancelled``).
-Leasing, running and finishing arrive with the worker and scheduler.
+Life of a task (an agent is a task whose executor is ``agent``)::
+
+    pending --LeaseGranted--> leased --TaskStarted--> running --TaskCompleted--> completed
+       ^                        |                        |------TaskFailed-----> failed
+       |                        |                        |------TaskTimedOut---> timed_out
+       +---LeaseExpired/LeaseReleased (attempts left)----+
+    any non-terminal --TaskCancelled--> cancelled;  terminal --TaskArchived--> (gone from read models)
+
+A lease carries a fencing token (the task's lease counter: 1, 2, 3...). Every
+report from a worker (start, heartbeat, progress, completion, failure,
+release) names its lease and token; a report for a lease that is not the live
+one, or whose ``expires_at`` has passed, is refused with ``stale_lease`` and
+changes nothing.
+
+Commands without a ``verb`` (GrantLease, ExpireLease, TimeOutTask) are the
+scheduler's decisions: they go through the same ``decide`` but are never
+routed from NATS.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints
 
 from pantheon_es.commands import Command
 from pantheon_es.domain import AggregateType, DecideContext, Decision, register
-from pantheon_es.errors import ConflictError, InternalError, NotFoundError
+from pantheon_es.errors import ConflictError, InternalError, NotFoundError, StaleLeaseError
 from pantheon_es.events import Event, EventData
-from pantheon_es.specs import ExecutorSpec, Labels, Priority, Resources
+from pantheon_es.specs import (
+    AgentSpec,
+    ErrorInfo,
+    ExecutorSpec,
+    Labels,
+    Priority,
+    Resources,
+    Seconds,
+    Usage,
+)
 
 
 class TaskStatus(StrEnum):
     PENDING = "pending"
+    LEASED = "leased"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
     CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
 
 
-TERMINAL = frozenset({TaskStatus.CANCELLED})
+TERMINAL = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT}
+)
+LIVE = frozenset({TaskStatus.PENDING, TaskStatus.LEASED, TaskStatus.RUNNING})
 
 TaskId = Annotated[
     str, StringConstraints(min_length=26, max_length=26, pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")
 ]
 TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Reason = Annotated[str, StringConstraints(max_length=2000)]
+ActivityState = Literal["active", "waiting_for_input"]
+
+#: Lease losses (expiry, worker lost, hand-back) a task survives before it fails.
+DEFAULT_MAX_ATTEMPTS = 3
 
 
-# -- commands ------------------------------------------------------------------------
+# -- commands: clients ------------------------------------------------------------------
 
 
 class SubmitTask(Command, aggregate="task", verb="submit"):
@@ -48,9 +84,39 @@ class SubmitTask(Command, aggregate="task", verb="submit"):
     priority: Priority = Field("medium", validate_default=True)
     resources: Resources = Field(default_factory=Resources)
     labels: Labels = Field(default_factory=dict)
+    task_id: TaskId | None = Field(
+        None, description="Choose the id (a ULID) yourself; default: the service makes one."
+    )
+    inactivity_timeout: Seconds | None = Field(
+        None,
+        description="Time out a running task with no activity for this long; "
+        "0 = never; default: the node's setting (30 minutes).",
+    )
+    max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
 
     def target_id(self) -> str | None:
-        return None
+        return self.task_id
+
+
+class SpawnAgent(Command, aggregate="task", verb="spawn"):
+    """Spawn an agent: a task whose executor is a coding-agent CLI (``agent``)."""
+
+    creates = True
+
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=200_000)]
+    files: list[str] = Field(default_factory=list, max_length=1000)
+    delegates: list[str] = Field(default_factory=list, max_length=100)
+    template: Annotated[str, StringConstraints(max_length=100)] | None = None
+    name: TaskName = "agent"
+    priority: Priority = Field("medium", validate_default=True)
+    resources: Resources = Field(default_factory=Resources)
+    labels: Labels = Field(default_factory=dict)
+    agent_id: TaskId | None = Field(None, description="Choose the id (a ULID) yourself.")
+    inactivity_timeout: Seconds | None = None
+    max_attempts: int = Field(DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
+
+    def target_id(self) -> str | None:
+        return self.agent_id
 
 
 class CancelTask(Command, aggregate="task", verb="cancel"):
@@ -63,7 +129,106 @@ class CancelTask(Command, aggregate="task", verb="cancel"):
         return self.task_id
 
 
-# -- events ------------------------------------------------------------------------------
+class _LeaseReport(Command):
+    """A report from the worker holding a lease: names the lease and its fencing token."""
+
+    task_id: TaskId
+    lease_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    fencing_token: int = Field(ge=1)
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
+class StartTask(_LeaseReport, aggregate="task", verb="start"):
+    """The worker started running the task."""
+
+    pid: int | None = None
+
+
+class Heartbeat(_LeaseReport, aggregate="task", verb="heartbeat"):
+    """Renew the lease. ``activity``: the task did something since the last report."""
+
+    activity: bool = True
+    usage: Usage | None = None
+
+
+class ReportProgress(_LeaseReport, aggregate="task", verb="progress"):
+    """Progress of a running task (counts as activity)."""
+
+    progress: float | None = Field(None, ge=0, le=1)
+    message: Annotated[str, StringConstraints(max_length=2000)] = ""
+    state: ActivityState = "active"
+
+
+class CompleteTask(_LeaseReport, aggregate="task", verb="complete"):
+    """The task finished; ``result`` is any JSON value."""
+
+    result: Any = None
+    usage: Usage | None = None
+    started_at: datetime | None = Field(
+        None, description="When it started, if the start was not reported separately."
+    )
+
+
+class FailTask(_LeaseReport, aggregate="task", verb="fail"):
+    """The task failed."""
+
+    error: ErrorInfo
+    usage: Usage | None = None
+    started_at: datetime | None = None
+
+
+class ReleaseTask(_LeaseReport, aggregate="task", verb="release"):
+    """Hand the lease back (graceful worker shutdown); the task is offered again."""
+
+    reason: Reason = "released by worker"
+
+
+class ArchiveTask(Command, aggregate="task", verb="archive"):
+    """Drop a finished task from the read models; its history stays in the log."""
+
+    task_id: TaskId
+    reason: Reason = "cleanup"
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
+# -- commands: the scheduler (internal) -------------------------------------------------------
+
+
+class GrantLease(Command, aggregate="task"):
+    task_id: TaskId
+    lease_id: str
+    worker_id: str
+    ttl: float
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
+class ExpireLease(Command, aggregate="task"):
+    task_id: TaskId
+    lease_id: str
+    reason: Literal["not renewed", "worker lost", "worker stopped"] = "not renewed"
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
+class TimeOutTask(Command, aggregate="task"):
+    task_id: TaskId
+    timeout: float
+    #: The latest activity the scheduler saw, messages included (the task's own
+    #: events do not show messages sent to or by it).
+    last_activity_at: datetime
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
+# -- events -------------------------------------------------------------------------------------
 
 
 class TaskSubmitted(EventData, type_name="TaskSubmitted", version=1, aggregate="task"):
@@ -73,14 +238,91 @@ class TaskSubmitted(EventData, type_name="TaskSubmitted", version=1, aggregate="
     resources: Resources
     labels: dict[str, str]
     idempotency_key: str | None = None
+    inactivity_timeout: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+
+class LeaseGranted(EventData, type_name="LeaseGranted", version=1, aggregate="task"):
+    lease_id: str
+    worker_id: str
+    attempt: int
+    fencing_token: int
+    expires_at: datetime
+    ttl: float
+
+
+class TaskStarted(EventData, type_name="TaskStarted", version=1, aggregate="task"):
+    lease_id: str
+    started_at: datetime
+    pid: int | None = None
+
+
+class LeaseRenewed(EventData, type_name="LeaseRenewed", version=1, aggregate="task"):
+    lease_id: str
+    expires_at: datetime
+    activity: bool
+    usage: Usage | None = None
+
+
+class TaskProgressed(EventData, type_name="TaskProgressed", version=1, aggregate="task"):
+    lease_id: str
+    progress: float | None = None
+    message: str = ""
+    state: str = "active"
+
+
+class LeaseExpired(EventData, type_name="LeaseExpired", version=1, aggregate="task"):
+    lease_id: str
+    attempt: int
+    reason: str
+
+
+class LeaseReleased(EventData, type_name="LeaseReleased", version=1, aggregate="task"):
+    lease_id: str
+    attempt: int
+    reason: str
+
+
+class TaskCompleted(EventData, type_name="TaskCompleted", version=1, aggregate="task"):
+    lease_id: str
+    result: Any = None
+    usage: Usage | None = None
+
+
+class TaskFailed(EventData, type_name="TaskFailed", version=1, aggregate="task"):
+    lease_id: str | None
+    error: ErrorInfo
+    usage: Usage | None = None
+
+
+class TaskTimedOut(EventData, type_name="TaskTimedOut", version=1, aggregate="task"):
+    lease_id: str | None
+    timeout: float
+    last_activity_at: datetime
 
 
 class TaskCancelled(EventData, type_name="TaskCancelled", version=1, aggregate="task"):
     reason: str | None = None
     previous_status: str
+    lease_id: str | None = None
 
 
-# -- state ---------------------------------------------------------------------------------
+class TaskArchived(EventData, type_name="TaskArchived", version=1, aggregate="task"):
+    reason: str
+    status: str
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    lease_id: str
+    worker_id: str
+    attempt: int
+    fencing_token: int
+    expires_at: datetime
+    ttl: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +331,17 @@ class TaskState:
     status: TaskStatus
     name: str
     priority: int
+    resources: Resources
+    executor_kind: str
     submitted_at: datetime
+    last_activity_at: datetime
+    inactivity_timeout: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    attempt: int = 0  # leases granted so far; also the last fencing token
+    lease: Lease | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    archived: bool = False
     version: int = 1
 
     @property
@@ -98,34 +350,157 @@ class TaskState:
 
 
 @functools.singledispatch
-def _apply(data: EventData, state: TaskState | None, event: Event[Any]) -> TaskState:
+def _apply(data: EventData, state: TaskState, event: Event[Any]) -> TaskState:
     raise InternalError(f"task aggregate cannot apply {event.type}")
 
 
 @_apply.register
-def _submitted(data: TaskSubmitted, state: TaskState | None, event: Event[Any]) -> TaskState:
-    return TaskState(
-        task_id=event.aggregate_id,
-        status=TaskStatus.PENDING,
-        name=data.name,
-        priority=data.priority,
-        submitted_at=event.occurred_at,
+def _leased(data: LeaseGranted, state: TaskState, event: Event[Any]) -> TaskState:
+    lease = Lease(
+        data.lease_id, data.worker_id, data.attempt, data.fencing_token, data.expires_at, data.ttl
+    )
+    return replace(state, status=TaskStatus.LEASED, lease=lease, attempt=data.attempt)
+
+
+@_apply.register
+def _started(data: TaskStarted, state: TaskState, event: Event[Any]) -> TaskState:
+    return replace(
+        state,
+        status=TaskStatus.RUNNING,
+        started_at=data.started_at,
+        last_activity_at=event.occurred_at,
     )
 
 
 @_apply.register
-def _cancelled(data: TaskCancelled, state: TaskState | None, event: Event[Any]) -> TaskState:
-    if state is None:
-        raise InternalError(f"TaskCancelled before TaskSubmitted for {event.aggregate_id}")
-    return replace(state, status=TaskStatus.CANCELLED, version=state.version + 1)
+def _renewed(data: LeaseRenewed, state: TaskState, event: Event[Any]) -> TaskState:
+    assert state.lease is not None
+    activity = event.occurred_at if data.activity else state.last_activity_at
+    return replace(
+        state, lease=replace(state.lease, expires_at=data.expires_at), last_activity_at=activity
+    )
+
+
+@_apply.register
+def _progressed(data: TaskProgressed, state: TaskState, event: Event[Any]) -> TaskState:
+    return replace(state, last_activity_at=event.occurred_at)
+
+
+def _back_to_pending(state: TaskState, event: Event[Any]) -> TaskState:
+    return replace(state, status=TaskStatus.PENDING, lease=None)
+
+
+@_apply.register
+def _expired(data: LeaseExpired, state: TaskState, event: Event[Any]) -> TaskState:
+    return _back_to_pending(state, event)
+
+
+@_apply.register
+def _released(data: LeaseReleased, state: TaskState, event: Event[Any]) -> TaskState:
+    return _back_to_pending(state, event)
+
+
+def _finish(state: TaskState, status: TaskStatus, event: Event[Any]) -> TaskState:
+    return replace(state, status=status, lease=None, finished_at=event.occurred_at)
+
+
+@_apply.register
+def _completed(data: TaskCompleted, state: TaskState, event: Event[Any]) -> TaskState:
+    return _finish(state, TaskStatus.COMPLETED, event)
+
+
+@_apply.register
+def _failed(data: TaskFailed, state: TaskState, event: Event[Any]) -> TaskState:
+    return _finish(state, TaskStatus.FAILED, event)
+
+
+@_apply.register
+def _timed_out(data: TaskTimedOut, state: TaskState, event: Event[Any]) -> TaskState:
+    return _finish(state, TaskStatus.TIMED_OUT, event)
+
+
+@_apply.register
+def _cancelled(data: TaskCancelled, state: TaskState, event: Event[Any]) -> TaskState:
+    return _finish(state, TaskStatus.CANCELLED, event)
+
+
+@_apply.register
+def _archived(data: TaskArchived, state: TaskState, event: Event[Any]) -> TaskState:
+    return replace(state, archived=True)
 
 
 def evolve(state: TaskState | None, event: Event[Any]) -> TaskState:
     """Fold one event into the task's state."""
-    return _apply(event.data, state, event)
+    data = event.data
+    if isinstance(data, TaskSubmitted):
+        return TaskState(
+            task_id=event.aggregate_id,
+            status=TaskStatus.PENDING,
+            name=data.name,
+            priority=data.priority,
+            resources=data.resources,
+            executor_kind=data.executor.kind,
+            submitted_at=event.occurred_at,
+            last_activity_at=event.occurred_at,
+            inactivity_timeout=data.inactivity_timeout,
+            max_attempts=data.max_attempts,
+        )
+    if state is None:
+        raise InternalError(f"{event.type} before TaskSubmitted for {event.aggregate_id}")
+    new = _apply(data, state, event)
+    return replace(new, version=state.version + 1)
 
 
-# -- decide --------------------------------------------------------------------------------------
+# -- decide ---------------------------------------------------------------------------------------
+
+
+def _require(state: TaskState | None, task_id: str) -> TaskState:
+    if state is None or state.archived:
+        raise NotFoundError(f"task {task_id} not found", details={"task_id": task_id})
+    return state
+
+
+def live_lease(state: TaskState | None, report: _LeaseReport, now: datetime) -> Lease:
+    """The lease a report names, if it is the live one; else ``stale_lease``."""
+    task = _require(state, report.task_id)
+    lease = task.lease
+    details = {
+        "task_id": report.task_id,
+        "lease_id": report.lease_id,
+        "fencing_token": report.fencing_token,
+        "status": task.status.value,
+    }
+    if (
+        lease is None
+        or lease.lease_id != report.lease_id
+        or lease.fencing_token != report.fencing_token
+    ):
+        live = f"live token {lease.fencing_token}" if lease else "no live lease"
+        raise StaleLeaseError(
+            f"lease {report.lease_id} (token {report.fencing_token}) is not the live lease of task "
+            f"{report.task_id} ({task.status.value}, {live})",
+            details=details,
+        )
+    if now >= lease.expires_at:
+        raise StaleLeaseError(
+            f"lease {report.lease_id} of task {report.task_id} expired at "
+            f"{lease.expires_at.isoformat()}",
+            details={**details, "expires_at": lease.expires_at.isoformat()},
+        )
+    return lease
+
+
+def _status(state: TaskState, **extra: Any) -> dict[str, Any]:
+    return {"task_id": state.task_id, "status": state.status.value, **extra}
+
+
+def _started_event(
+    state: TaskState, lease: Lease, started_at: datetime | None, now: datetime
+) -> list[EventData]:
+    """A TaskStarted to go with a finish, if the start was never reported."""
+    if state.status != TaskStatus.LEASED:
+        return []
+    return [TaskStarted(lease_id=lease.lease_id, started_at=started_at or now)]
 
 
 @functools.singledispatch
@@ -133,40 +508,208 @@ def _decide(command: Command, state: TaskState | None, ctx: DecideContext) -> De
     raise InternalError(f"task aggregate has no handler for {type(command).__name__}")
 
 
-@_decide.register
-def _submit(command: SubmitTask, state: TaskState | None, ctx: DecideContext) -> Decision:
-    if state is not None:  # ids are fresh per submit; a hit means an id collision
-        raise ConflictError(f"task {ctx.aggregate_id} already exists")
-    event = TaskSubmitted(
+def _submitted(command: SubmitTask | SpawnAgent, executor: Any) -> TaskSubmitted:
+    return TaskSubmitted(
         name=command.name,
-        executor=command.executor,
+        executor=executor,
         priority=command.priority,
         resources=command.resources,
         labels=command.labels,
         idempotency_key=command.idempotency_key,
+        inactivity_timeout=command.inactivity_timeout,
+        max_attempts=command.max_attempts,
     )
+
+
+@_decide.register
+def _submit(command: SubmitTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    if state is not None:
+        raise ConflictError(
+            f"task {ctx.aggregate_id} already exists", details={"task_id": ctx.aggregate_id}
+        )
+    event = _submitted(command, command.executor)
     return Decision([event], {"task_id": ctx.aggregate_id, "status": TaskStatus.PENDING.value})
 
 
 @_decide.register
-def _cancel(command: CancelTask, state: TaskState | None, ctx: DecideContext) -> Decision:
-    if state is None:
-        raise NotFoundError(
-            f"task {command.task_id} not found", details={"task_id": command.task_id}
-        )
-    if state.status == TaskStatus.CANCELLED:
-        return Decision(
-            [], {"task_id": state.task_id, "status": state.status.value, "changed": False}
-        )
-    if state.terminal:
+def _spawn(command: SpawnAgent, state: TaskState | None, ctx: DecideContext) -> Decision:
+    if state is not None:
         raise ConflictError(
-            f"task {state.task_id} is {state.status.value} and cannot be cancelled",
-            details={"task_id": state.task_id, "status": state.status.value},
+            f"agent {ctx.aggregate_id} already exists", details={"agent_id": ctx.aggregate_id}
         )
-    event = TaskCancelled(reason=command.reason, previous_status=state.status.value)
-    return Decision(
-        [event], {"task_id": state.task_id, "status": TaskStatus.CANCELLED.value, "changed": True}
+    executor = AgentSpec(
+        prompt=command.prompt,
+        files=command.files,
+        delegates=command.delegates,
+        template=command.template,
     )
+    result = {"agent_id": ctx.aggregate_id, "task_id": ctx.aggregate_id, "status": "pending"}
+    return Decision([_submitted(command, executor)], result)
+
+
+@_decide.register
+def _cancel(command: CancelTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    if task.status == TaskStatus.CANCELLED:
+        return Decision([], _status(task, changed=False))
+    if task.terminal:
+        raise ConflictError(
+            f"task {task.task_id} is {task.status.value} and cannot be cancelled",
+            details={"task_id": task.task_id, "status": task.status.value},
+        )
+    event = TaskCancelled(
+        reason=command.reason,
+        previous_status=task.status.value,
+        lease_id=task.lease.lease_id if task.lease else None,
+    )
+    return Decision([event], {"task_id": task.task_id, "status": "cancelled", "changed": True})
+
+
+@_decide.register
+def _start(command: StartTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    lease = live_lease(state, command, ctx.now)
+    assert state is not None
+    if state.status == TaskStatus.RUNNING:
+        return Decision([], _status(state, changed=False))
+    event = TaskStarted(lease_id=lease.lease_id, started_at=ctx.now, pid=command.pid)
+    return Decision([event], {"task_id": state.task_id, "status": "running", "changed": True})
+
+
+@_decide.register
+def _heartbeat(command: Heartbeat, state: TaskState | None, ctx: DecideContext) -> Decision:
+    lease = live_lease(state, command, ctx.now)
+    assert state is not None
+    expires_at = ctx.now + timedelta(seconds=lease.ttl)
+    event = LeaseRenewed(
+        lease_id=lease.lease_id,
+        expires_at=expires_at,
+        activity=command.activity,
+        usage=command.usage,
+    )
+    return Decision([event], _status(state, expires_at=expires_at.isoformat()))
+
+
+@_decide.register
+def _progress(command: ReportProgress, state: TaskState | None, ctx: DecideContext) -> Decision:
+    lease = live_lease(state, command, ctx.now)
+    assert state is not None
+    event = TaskProgressed(
+        lease_id=lease.lease_id,
+        progress=command.progress,
+        message=command.message,
+        state=command.state,
+    )
+    return Decision([event], _status(state))
+
+
+@_decide.register
+def _complete(command: CompleteTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    lease = live_lease(state, command, ctx.now)
+    assert state is not None
+    events = _started_event(state, lease, command.started_at, ctx.now)
+    events.append(
+        TaskCompleted(lease_id=lease.lease_id, result=command.result, usage=command.usage)
+    )
+    return Decision(events, {"task_id": state.task_id, "status": "completed"})
+
+
+@_decide.register
+def _fail(command: FailTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    lease = live_lease(state, command, ctx.now)
+    assert state is not None
+    events = _started_event(state, lease, command.started_at, ctx.now)
+    events.append(TaskFailed(lease_id=lease.lease_id, error=command.error, usage=command.usage))
+    return Decision(events, {"task_id": state.task_id, "status": "failed"})
+
+
+def _lose_lease(state: TaskState, lease: Lease, event: EventData) -> Decision:
+    """A lease ended without a result: offered again, or failed after the last attempt."""
+    events: list[EventData] = [event]
+    if lease.attempt >= state.max_attempts:
+        reason = getattr(event, "reason", "lease lost")
+        events.append(
+            TaskFailed(
+                lease_id=None,
+                error=ErrorInfo(
+                    type="AttemptsExhausted",
+                    message=f"{lease.attempt} of {state.max_attempts} attempts lost their lease "
+                    f"(last: {reason})",
+                ),
+            )
+        )
+        return Decision(events, {"task_id": state.task_id, "status": "failed"})
+    return Decision(events, {"task_id": state.task_id, "status": "pending"})
+
+
+@_decide.register
+def _release(command: ReleaseTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    lease = live_lease(state, command, ctx.now)
+    assert state is not None
+    event = LeaseReleased(lease_id=lease.lease_id, attempt=lease.attempt, reason=command.reason)
+    return _lose_lease(state, lease, event)
+
+
+@_decide.register
+def _archive(command: ArchiveTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    if not task.terminal:
+        raise ConflictError(
+            f"task {task.task_id} is {task.status.value}; only finished tasks are archived",
+            details={"task_id": task.task_id, "status": task.status.value},
+        )
+    event = TaskArchived(reason=command.reason, status=task.status.value)
+    return Decision(
+        [event], {"task_id": task.task_id, "status": task.status.value, "archived": True}
+    )
+
+
+@_decide.register
+def _grant(command: GrantLease, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    if task.status != TaskStatus.PENDING:
+        raise ConflictError(f"task {task.task_id} is {task.status.value}, not pending")
+    attempt = task.attempt + 1
+    event = LeaseGranted(
+        lease_id=command.lease_id,
+        worker_id=command.worker_id,
+        attempt=attempt,
+        fencing_token=attempt,
+        expires_at=ctx.now + timedelta(seconds=command.ttl),
+        ttl=command.ttl,
+    )
+    result = {
+        "task_id": task.task_id,
+        "fencing_token": attempt,
+        "expires_at": event.expires_at.isoformat(),
+    }
+    return Decision([event], result)
+
+
+@_decide.register
+def _expire(command: ExpireLease, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    lease = task.lease
+    if lease is None or lease.lease_id != command.lease_id:
+        return Decision([], _status(task, changed=False))  # already ended some other way
+    if command.reason == "not renewed" and ctx.now < lease.expires_at:
+        return Decision([], _status(task, changed=False))  # renewed in the meantime
+    event = LeaseExpired(lease_id=lease.lease_id, attempt=lease.attempt, reason=command.reason)
+    return _lose_lease(task, lease, event)
+
+
+@_decide.register
+def _time_out(command: TimeOutTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    last_activity = max(task.last_activity_at, command.last_activity_at)
+    idle_until = last_activity + timedelta(seconds=command.timeout)
+    if task.status not in (TaskStatus.LEASED, TaskStatus.RUNNING) or ctx.now < idle_until:
+        return Decision([], _status(task, changed=False))
+    event = TaskTimedOut(
+        lease_id=task.lease.lease_id if task.lease else None,
+        timeout=command.timeout,
+        last_activity_at=last_activity,
+    )
+    return Decision([event], {"task_id": task.task_id, "status": "timed_out"})
 
 
 def decide(state: TaskState | None, command: Command, ctx: DecideContext) -> Decision:

@@ -109,6 +109,8 @@ class Batch:
     changed: dict[tuple[str, str, str], Row | None] = field(default_factory=dict)
     #: False when nobody reads ``changed`` (rebuilds, KV disabled)
     track_changes: bool = True
+    #: set-based statements (e.g. delete an archived agent's messages), run after the rows
+    statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
 
     def get(self, table: Table, key: Key) -> Row | None:
         """A row loaded for this batch (or written earlier in it)."""
@@ -128,6 +130,14 @@ class Batch:
         k = (table.name, key)
         self.rows[k] = None
         self.dirty[k] = table
+
+    def execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        """A statement for the batch's transaction, run after its row writes.
+
+        Rows this batch already loaded or wrote are not updated by it: use it only
+        for rows no later event of the batch reads.
+        """
+        self.statements.append((sql, params))
 
     def publish(self, tenant: str, model: str, entity_id: str, state: Row | None) -> None:
         """Mark an entity's current state for the KV bucket (last write in a batch wins)."""

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,9 @@ from pantheon_es.errors import UnknownEventTypeError
 from pantheon_es.events import EventRecord, decode_record
 from pantheon_es.store import EventStore, RawEvent
 from projections.base import Batch, ReadModel, Row, Table
+from projections.messages import MessagesModel
 from projections.tasks import TasksModel
+from projections.workers import WorkersModel
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +51,7 @@ CREATE TABLE IF NOT EXISTS projector_checkpoint (
 
 def default_models() -> list[ReadModel]:
     """Every read model, in the order they are applied."""
-    return [TasksModel()]
+    return [TasksModel(), MessagesModel(), WorkersModel()]
 
 
 #: Rows written per executemany call; the loop gets a turn between chunks.
@@ -110,6 +112,9 @@ class Projector:
         self._stopping = False
         self._feed: Any = None
         self._kv_pending: asyncio.Task[int] | None = None
+        #: Called with each decoded batch before it is written (the scheduler listens here,
+        #: so the process reads and decodes the log once for both).
+        self.sinks: list[Callable[[list[EventRecord]], None]] = []
         self._run_finished = asyncio.Event()
         self._run_finished.set()
         self._tables: list[Table] = [t for m in self.models for t in m.tables]
@@ -216,6 +221,8 @@ class Projector:
         last_seq = max((r.seq for r in raw), default=self.position)
         if last_seq <= self.position:
             return
+        for sink in self.sinks:
+            sink(events)
         uow = Batch(track_changes=self.kv_enabled)
         await self._load(uow, events)
         for event in events:
@@ -270,6 +277,8 @@ class Projector:
                 for i in range(0, len(params), WRITE_CHUNK):
                     db.executemany(table.upsert_sql, params[i : i + WRITE_CHUNK])
                     await asyncio.sleep(0)
+            for sql, stmt_params in uow.statements:
+                db.execute(sql, stmt_params)
             db.execute(
                 "INSERT OR REPLACE INTO projector_checkpoint (name, last_seq, kv_seq)"
                 " VALUES (?, ?, ?)",

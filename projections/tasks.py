@@ -1,24 +1,48 @@
-"""Read model ``tasks``: one row per task, its current state.
+"""Read model ``tasks``: one row per task (an agent is a task with executor ``agent``).
 
-KV: ``<tenant>.task.<id>``. Queries: ``task.get`` and ``task.list``.
+KV ``<tenant>.task.<id>``. Queries ``task.get``, ``task.list``, ``task.monitor``.
+Message traffic counts as activity: a message sent to or by a task moves its
+``last_activity_at``; the pending-message count lives on the recipient's row.
+An archived task's row (and its messages) leave the read models; the log keeps
+its history.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import aiosqlite
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from pantheon_es import ids
 from pantheon_es.errors import NotFoundError
 from pantheon_es.events import EventRecord
+from pantheon_es.mailbox import MessagesDelivered, MessageSent
 from pantheon_es.specs import priority_name
-from pantheon_es.tasks import TaskCancelled, TaskId, TaskStatus, TaskSubmitted
-from projections.base import Batch, Queries, ReadModel, Row, Table, aggregate_row, handles
+from pantheon_es.tasks import (
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    LeaseRenewed,
+    TaskArchived,
+    TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskId,
+    TaskProgressed,
+    TaskStarted,
+    TaskStatus,
+    TaskSubmitted,
+    TaskTimedOut,
+)
+from projections.base import Batch, Key, Queries, ReadModel, Row, Table, aggregate_row, handles
 
 MODEL = "task"
-PENDING = TaskStatus.PENDING.value
-CANCELLED = TaskStatus.CANCELLED.value
+LIVE = ("pending", "leased", "running")
+FINISHED = ("completed", "failed", "cancelled", "timed_out")
+#: A live agent with no activity for this long counts as idle in summaries.
+IDLE_AFTER_S = 300.0
 
 TASKS = Table(
     name="tasks",
@@ -35,16 +59,35 @@ TASKS = Table(
         "labels",
         "submitted_at",
         "updated_at",
-        "cancelled_at",
+        "attempt",
+        "max_attempts",
+        "lease_id",
+        "fencing_token",
+        "worker_id",
+        "lease_expires_at",
+        "lease_ttl",
+        "started_at",
+        "finished_at",
+        "last_activity_at",
+        "activity",
+        "progress",
+        "progress_message",
+        "pending_messages",
+        "cpu_percent",
+        "memory_mb",
+        "inactivity_timeout",
+        "result",
+        "error",
         "cancel_reason",
         "actor",
         "correlation_id",
         "idempotency_key",
         "version",
+        "task_seq",
         "last_seq",
     ),
     key=("tenant", "id"),
-    json_columns=frozenset({"executor", "resources", "labels"}),
+    json_columns=frozenset({"executor", "resources", "labels", "result", "error"}),
     ddl="""
     CREATE TABLE IF NOT EXISTS tasks (
         id TEXT NOT NULL,
@@ -59,18 +102,43 @@ TASKS = Table(
         labels TEXT NOT NULL,
         submitted_at TEXT NOT NULL,
         updated_at TEXT NOT NULL,
-        cancelled_at TEXT,
+        attempt INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        lease_id TEXT,
+        fencing_token INTEGER,
+        worker_id TEXT,
+        lease_expires_at TEXT,
+        lease_ttl REAL,
+        started_at TEXT,
+        finished_at TEXT,
+        last_activity_at TEXT NOT NULL,
+        activity TEXT NOT NULL,
+        progress REAL,
+        progress_message TEXT,
+        pending_messages INTEGER NOT NULL,
+        cpu_percent REAL,
+        memory_mb REAL,
+        inactivity_timeout REAL,
+        result TEXT,
+        error TEXT,
         cancel_reason TEXT,
         actor TEXT NOT NULL,
         correlation_id TEXT NOT NULL,
         idempotency_key TEXT,
         version INTEGER NOT NULL,
+        task_seq INTEGER NOT NULL,
         last_seq INTEGER NOT NULL,
         PRIMARY KEY (tenant, id)
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS tasks_tenant_status ON tasks (tenant, status, id);
+    CREATE INDEX IF NOT EXISTS tasks_tenant_kind ON tasks (tenant, executor_kind, status);
     """,
 )
+
+
+def _sender_row(event: EventRecord) -> list[tuple[Table, Key]]:
+    sender = event.data.get("sender", "")
+    return [(TASKS, (event.tenant, sender))] if ids.is_id(sender) else []
 
 
 class TasksModel(ReadModel):
@@ -78,53 +146,198 @@ class TasksModel(ReadModel):
     tables = (TASKS,)
     kv_models = ((TASKS, MODEL),)
 
+    def _update(self, uow: Batch, ev: EventRecord, **changes: Any) -> Row | None:
+        old = uow.get(TASKS, (ev.tenant, ev.aggregate_id))
+        if old is None:
+            return None
+        row = {**old, **changes, "updated_at": ev.occurred_at, "version": old["version"] + 1}
+        row["last_seq"] = row["task_seq"] = ev.seq  # an event of the task aggregate itself
+        self._put(uow, row)
+        return row
+
+    def _put(self, uow: Batch, row: Row) -> None:
+        uow.put(TASKS, row)
+        uow.publish(row["tenant"], MODEL, row["id"], row)
+
     @handles(TaskSubmitted)
     def submitted(self, uow: Batch, ev: EventRecord) -> None:
         d = ev.data
         at = ev.occurred_at
-        row: Row = {
-            "id": ev.aggregate_id,
-            "tenant": ev.tenant,
-            "name": d["name"],
-            "status": PENDING,
-            "priority": d["priority"],
-            "priority_name": priority_name(d["priority"]),
-            "executor_kind": d["executor"]["kind"],
-            "executor": d["executor"],
-            "resources": d["resources"],
-            "labels": d["labels"],
-            "submitted_at": at,
-            "updated_at": at,
-            "cancelled_at": None,
-            "cancel_reason": None,
-            "actor": ev.actor,
-            "correlation_id": ev.correlation_id,
-            "idempotency_key": d.get("idempotency_key"),
-            "version": 1,
-            "last_seq": ev.seq,
+        self._put(
+            uow,
+            {
+                "id": ev.aggregate_id,
+                "tenant": ev.tenant,
+                "name": d["name"],
+                "status": "pending",
+                "priority": d["priority"],
+                "priority_name": priority_name(d["priority"]),
+                "executor_kind": d["executor"]["kind"],
+                "executor": d["executor"],
+                "resources": d["resources"],
+                "labels": d["labels"],
+                "submitted_at": at,
+                "updated_at": at,
+                "attempt": 0,
+                "max_attempts": d.get("max_attempts", 3),
+                "lease_id": None,
+                "fencing_token": None,
+                "worker_id": None,
+                "lease_expires_at": None,
+                "lease_ttl": None,
+                "started_at": None,
+                "finished_at": None,
+                "last_activity_at": at,
+                "activity": "active",
+                "progress": None,
+                "progress_message": None,
+                "pending_messages": 0,
+                "cpu_percent": None,
+                "memory_mb": None,
+                "inactivity_timeout": d.get("inactivity_timeout"),
+                "result": None,
+                "error": None,
+                "cancel_reason": None,
+                "actor": ev.actor,
+                "correlation_id": ev.correlation_id,
+                "idempotency_key": d.get("idempotency_key"),
+                "version": 1,
+                "task_seq": ev.seq,
+                "last_seq": ev.seq,
+            },
+        )
+
+    @handles(LeaseGranted, load=aggregate_row(TASKS))
+    def leased(self, uow: Batch, ev: EventRecord) -> None:
+        d = ev.data
+        self._update(
+            uow,
+            ev,
+            status="leased",
+            attempt=d["attempt"],
+            lease_id=d["lease_id"],
+            fencing_token=d["fencing_token"],
+            worker_id=d["worker_id"],
+            lease_expires_at=d["expires_at"],
+            lease_ttl=d["ttl"],
+        )
+
+    @handles(TaskStarted, load=aggregate_row(TASKS))
+    def started(self, uow: Batch, ev: EventRecord) -> None:
+        self._update(
+            uow,
+            ev,
+            status="running",
+            started_at=ev.data["started_at"],
+            last_activity_at=ev.occurred_at,
+        )
+
+    @handles(LeaseRenewed, load=aggregate_row(TASKS))
+    def renewed(self, uow: Batch, ev: EventRecord) -> None:
+        d = ev.data
+        changes: dict[str, Any] = {"lease_expires_at": d["expires_at"]}
+        if d.get("activity"):
+            changes["last_activity_at"] = ev.occurred_at
+        if d.get("usage"):
+            changes["cpu_percent"] = d["usage"]["cpu_percent"]
+            changes["memory_mb"] = d["usage"]["memory_mb"]
+        self._update(uow, ev, **changes)
+
+    @handles(TaskProgressed, load=aggregate_row(TASKS))
+    def progressed(self, uow: Batch, ev: EventRecord) -> None:
+        d = ev.data
+        self._update(
+            uow,
+            ev,
+            progress=d.get("progress"),
+            progress_message=d.get("message"),
+            activity=d.get("state", "active"),
+            last_activity_at=ev.occurred_at,
+        )
+
+    _NO_LEASE: dict[str, Any] = {  # noqa: RUF012 - a constant
+        "lease_id": None,
+        "fencing_token": None,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "lease_ttl": None,
+    }
+
+    @handles(LeaseExpired, load=aggregate_row(TASKS))
+    def expired(self, uow: Batch, ev: EventRecord) -> None:
+        self._update(uow, ev, status="pending", activity="active", **self._NO_LEASE)
+
+    @handles(LeaseReleased, load=aggregate_row(TASKS))
+    def released(self, uow: Batch, ev: EventRecord) -> None:
+        self._update(uow, ev, status="pending", activity="active", **self._NO_LEASE)
+
+    def _finish(self, uow: Batch, ev: EventRecord, status: str, **changes: Any) -> None:
+        usage = ev.data.get("usage")
+        if usage:
+            changes["cpu_percent"] = usage["cpu_percent"]
+            changes["memory_mb"] = usage["memory_mb"]
+        self._update(
+            uow, ev, status=status, finished_at=ev.occurred_at, **self._NO_LEASE, **changes
+        )
+
+    @handles(TaskCompleted, load=aggregate_row(TASKS))
+    def completed(self, uow: Batch, ev: EventRecord) -> None:
+        self._finish(uow, ev, "completed", result=ev.data.get("result"), progress=1.0)
+
+    @handles(TaskFailed, load=aggregate_row(TASKS))
+    def failed(self, uow: Batch, ev: EventRecord) -> None:
+        self._finish(uow, ev, "failed", error=ev.data["error"])
+
+    @handles(TaskTimedOut, load=aggregate_row(TASKS))
+    def timed_out(self, uow: Batch, ev: EventRecord) -> None:
+        d = ev.data
+        error = {
+            "type": "InactivityTimeout",
+            "message": f"no activity for {d['timeout']:g} s (last at {d['last_activity_at']})",
+            "details": {"timeout": d["timeout"], "last_activity_at": d["last_activity_at"]},
         }
-        uow.put(TASKS, row)
-        uow.publish(ev.tenant, MODEL, ev.aggregate_id, row)
+        self._finish(uow, ev, "timed_out", error=error)
 
     @handles(TaskCancelled, load=aggregate_row(TASKS))
     def cancelled(self, uow: Batch, ev: EventRecord) -> None:
-        old = uow.get(TASKS, (ev.tenant, ev.aggregate_id))
-        if old is None:
-            return
-        row = {
-            **old,
-            "status": CANCELLED,
-            "cancelled_at": ev.occurred_at,
-            "cancel_reason": ev.data.get("reason"),
-            "updated_at": ev.occurred_at,
-            "version": old["version"] + 1,
-            "last_seq": ev.seq,
-        }
-        uow.put(TASKS, row)
-        uow.publish(ev.tenant, MODEL, ev.aggregate_id, row)
+        self._finish(uow, ev, "cancelled", cancel_reason=ev.data.get("reason"))
+
+    @handles(TaskArchived)
+    def archived(self, uow: Batch, ev: EventRecord) -> None:
+        uow.delete(TASKS, (ev.tenant, ev.aggregate_id))
+        uow.publish(ev.tenant, MODEL, ev.aggregate_id, None)
+        uow.execute(
+            "DELETE FROM messages WHERE tenant = ? AND recipient = ?", (ev.tenant, ev.aggregate_id)
+        )
+
+    @handles(MessageSent, load=lambda ev: [(TASKS, (ev.tenant, ev.aggregate_id)), *_sender_row(ev)])
+    def message_sent(self, uow: Batch, ev: EventRecord) -> None:
+        # The mailbox's id is the recipient's task id.
+        recipient = uow.get(TASKS, (ev.tenant, ev.aggregate_id))
+        if recipient is not None:
+            self._touch(uow, recipient, ev, pending_messages=recipient["pending_messages"] + 1)
+        for table, key in _sender_row(ev):
+            sender = uow.get(table, key)
+            if sender is not None:
+                self._touch(uow, sender, ev)
+
+    @handles(MessagesDelivered, load=aggregate_row(TASKS))
+    def messages_delivered(self, uow: Batch, ev: EventRecord) -> None:
+        recipient = uow.get(TASKS, (ev.tenant, ev.aggregate_id))
+        if recipient is not None:
+            left = max(0, recipient["pending_messages"] - len(ev.data["message_ids"]))
+            self._touch(uow, recipient, ev, pending_messages=left)
+
+    def _touch(self, uow: Batch, row: Row, ev: EventRecord, **changes: Any) -> None:
+        """Message traffic: activity for a task that is still live."""
+        if row["status"] in LIVE:
+            changes["last_activity_at"] = ev.occurred_at
+        new = {**row, **changes, "updated_at": ev.occurred_at, "last_seq": ev.seq}
+        new["version"] = row["version"] + 1
+        self._put(uow, new)
 
 
-# -- queries -----------------------------------------------------------------------------------
+# -- queries -------------------------------------------------------------------------------------
 
 
 class _Query(BaseModel):
@@ -140,13 +353,21 @@ class GetTask(_Query):
 
 class ListTasks(_Query):
     status: list[TaskStatus] | None = None
+    kind: Literal["agent", "task"] | None = Field(
+        None, description="agent: executor 'agent' only; task: every other executor."
+    )
     name: Annotated[str, StringConstraints(max_length=200)] | None = Field(
         None, description="Exact task name."
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Every label must match.")
+    finished_before: datetime | None = None
     limit: int = Field(50, ge=1, le=1000)
     offset: int = Field(0, ge=0)
     order: Literal["newest", "oldest"] = "newest"
+
+
+class Monitor(_Query):
+    limit: int = Field(100, ge=1, le=1000)
 
 
 def page(items: list[Row], total: int, limit: int, offset: int) -> dict[str, Any]:
@@ -163,6 +384,32 @@ def page(items: list[Row], total: int, limit: int, offset: int) -> dict[str, Any
     }
 
 
+def _parse(ts: str | None) -> datetime | None:
+    return datetime.fromisoformat(ts) if ts else None
+
+
+def with_derived(row: Row, now: datetime) -> Row:
+    """Add what depends on the time of asking: duration and the activity class."""
+    started = _parse(row.get("started_at"))
+    finished = _parse(row.get("finished_at"))
+    row["duration_s"] = round(((finished or now) - started).total_seconds(), 3) if started else None
+    idle_for = (now - (_parse(row["last_activity_at"]) or now)).total_seconds()
+    row["idle_s"] = round(idle_for, 3)
+    row["activity_class"] = activity_class(row["status"], row["activity"], idle_for)
+    return row
+
+
+def activity_class(status: str, activity: str, idle_for: float) -> str | None:
+    """active | waiting_for_input | idle for a live task; None once it has finished."""
+    if status not in LIVE:
+        return None
+    if activity == "waiting_for_input":
+        return "waiting_for_input"
+    if status == "pending" or idle_for >= IDLE_AFTER_S:
+        return "idle"
+    return "active"
+
+
 async def get_task(db: aiosqlite.Connection, tenant: str, query: GetTask) -> Row:
     cols = ", ".join(TASKS.columns)
     async with db.execute(
@@ -171,36 +418,109 @@ async def get_task(db: aiosqlite.Connection, tenant: str, query: GetTask) -> Row
         found = await cur.fetchone()
     if found is None:
         raise NotFoundError(f"task {query.task_id} not found", details={"task_id": query.task_id})
-    return TASKS.from_db(found)
+    return with_derived(TASKS.from_db(found), datetime.now(UTC))
 
 
-async def list_tasks(db: aiosqlite.Connection, tenant: str, query: ListTasks) -> dict[str, Any]:
+def _where(tenant: str, query: ListTasks) -> tuple[str, list[Any]]:
     where = ["tenant = ?"]
     params: list[Any] = [tenant]
     if query.status:
         where.append(f"status IN ({', '.join('?' for _ in query.status)})")
         params += [s.value for s in query.status]
+    if query.kind == "agent":
+        where.append("executor_kind = 'agent'")
+    elif query.kind == "task":
+        where.append("executor_kind != 'agent'")
     if query.name is not None:
         where.append("name = ?")
         params.append(query.name)
     for key, value in sorted(query.labels.items()):
         where.append("json_extract(labels, ?) = ?")
         params += [f'$."{key}"', value]
-    cond = " AND ".join(where)
+    if query.finished_before is not None:
+        cutoff = query.finished_before.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        where.append("finished_at IS NOT NULL AND finished_at < ?")
+        params.append(cutoff)
+    return " AND ".join(where), params
+
+
+async def list_tasks(db: aiosqlite.Connection, tenant: str, query: ListTasks) -> dict[str, Any]:
+    cond, params = _where(tenant, query)
     async with db.execute(f"SELECT count(*) FROM tasks WHERE {cond}", params) as cur:
         row = await cur.fetchone()
         total = int(row[0]) if row else 0
     order = "DESC" if query.order == "newest" else "ASC"
     cols = ", ".join(TASKS.columns)
+    now = datetime.now(UTC)
     async with db.execute(
         f"SELECT {cols} FROM tasks WHERE {cond} ORDER BY id {order} LIMIT ? OFFSET ?",
         [*params, query.limit, query.offset],
     ) as cur:
-        rows = [TASKS.from_db(r) for r in await cur.fetchall()]
-    return page(rows, total, query.limit, query.offset)
+        rows = [with_derived(TASKS.from_db(r), now) for r in await cur.fetchall()]
+    result = page(rows, total, query.limit, query.offset)
+    result["summary"] = await _activity_summary(db, cond, params, now)
+    return result
+
+
+async def _activity_summary(
+    db: aiosqlite.Connection, cond: str, params: list[Any], now: datetime
+) -> dict[str, int]:
+    """Live tasks matching the filter by activity: active, waiting_for_input, idle."""
+    summary = {"active": 0, "waiting_for_input": 0, "idle": 0}
+    live = ", ".join(f"'{s}'" for s in LIVE)
+    async with db.execute(
+        f"SELECT status, activity, last_activity_at FROM tasks WHERE {cond} AND status IN ({live})",
+        params,
+    ) as cur:
+        for status, activity, last in await cur.fetchall():
+            idle_for = (now - (_parse(last) or now)).total_seconds()
+            cls = activity_class(status, activity, idle_for)
+            if cls is not None:
+                summary[cls] += 1
+    return summary
+
+
+async def monitor(db: aiosqlite.Connection, tenant: str, query: Monitor) -> dict[str, Any]:
+    """Agents at a glance: totals by status, and each agent's task, status and times."""
+    totals = {s.value: 0 for s in TaskStatus}
+    async with db.execute(
+        "SELECT status, count(*) FROM tasks WHERE tenant = ? AND executor_kind = 'agent' GROUP BY status",
+        (tenant,),
+    ) as cur:
+        for status, count in await cur.fetchall():
+            totals[status] = count
+    cols = ", ".join(TASKS.columns)
+    now = datetime.now(UTC)
+    async with db.execute(
+        f"SELECT {cols} FROM tasks WHERE tenant = ? AND executor_kind = 'agent' "
+        "ORDER BY id DESC LIMIT ?",
+        (tenant, query.limit),
+    ) as cur:
+        rows = [with_derived(TASKS.from_db(r), now) for r in await cur.fetchall()]
+    agents = [
+        {
+            "agent_id": r["id"],
+            "task": r["executor"].get("prompt", r["name"])[:200],
+            "name": r["name"],
+            "status": r["status"],
+            "activity": r["activity_class"],
+            "started_at": r["started_at"],
+            "last_activity_at": r["last_activity_at"],
+            "duration_s": r["duration_s"],
+            "progress": r["progress"],
+            "progress_message": r["progress_message"],
+            "pending_messages": r["pending_messages"],
+            "worker_id": r["worker_id"],
+            "cpu_percent": r["cpu_percent"],
+            "memory_mb": r["memory_mb"],
+        }
+        for r in rows
+    ]
+    return {"totals": totals, "total": sum(totals.values()), "agents": agents}
 
 
 QUERIES: Queries = {
     (MODEL, "get"): (GetTask, get_task),
     (MODEL, "list"): (ListTasks, list_tasks),
+    (MODEL, "monitor"): (Monitor, monitor),
 }

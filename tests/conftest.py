@@ -7,6 +7,7 @@ Nothing here mocks NATS or SQLite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -130,3 +131,104 @@ async def stack(nc: NATS, store: EventStore, tmp_path: Path) -> AsyncIterator[St
 
 
 logs.configure("info", json=False)
+
+
+@dataclass
+class Cluster:
+    """An in-process node (scheduler included) on the session server, plus workers."""
+
+    node: Any
+    client: PantheonClient
+    url: str
+    root: str
+    data_dir: Path
+    workers: list[Any]
+    procs: list[Any]
+
+    async def add_worker(self, **overrides: Any) -> Any:
+        from pantheon_es.worker import Worker, WorkerConfig
+
+        config = WorkerConfig(
+            nats_url=self.url,
+            root=self.root,
+            data_dir=self.data_dir,
+            ttl=overrides.pop("ttl", 3.0),
+            capacity=overrides.pop(
+                "capacity", {"cpu": 4.0, "memory_mb": 4096, "gpu": 0, "custom": {}}
+            ),
+            **overrides,
+        )
+        worker = Worker(config)
+        await worker.start()
+        self.workers.append(worker)
+        worker._runner = asyncio.create_task(worker.run())  # type: ignore[attr-defined]
+        return worker
+
+    def spawn_worker(self, worker_id: str, *extra: str) -> Any:
+        """A real `pantheon worker` process."""
+        import subprocess
+        import sys
+
+        log = open(self.data_dir / f"{worker_id}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pantheon_es.cli",
+                "worker",
+                "--nats-url",
+                self.url,
+                "--namespace",
+                self.root,
+                "--data-dir",
+                str(self.data_dir),
+                "--worker-id",
+                worker_id,
+                "--ttl",
+                "2",
+                "--shutdown-timeout",
+                "2",
+                *extra,
+            ],  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+            env=pythonpath_env(),
+        )
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture
+async def cluster(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Cluster]:
+    from pantheon_es.node import Node, NodeConfig
+    from pantheon_es.scheduler import SchedulerConfig
+
+    root = f"c{secrets.token_hex(4)}"
+    node = Node(
+        NodeConfig(
+            data_dir=tmp_path / "node",
+            nats_url=nats_server.url,
+            root=root,
+            workers=0,
+            scheduler=SchedulerConfig(lease_ttl=2.0, inactivity_timeout=0),
+        )
+    )
+    await node.start()
+    runner = asyncio.create_task(node.run())
+    assert node.nc is not None
+    client = PantheonClient(node.nc, subjects=node.subjects, timeout=15)
+    c = Cluster(node, client, nats_server.url, root, tmp_path, [], [])
+    try:
+        yield c
+    finally:
+        for proc in c.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        for worker in c.workers:
+            worker.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(worker._runner, 15)
+        node.request_stop()
+        await asyncio.wait_for(runner, 30)

@@ -50,8 +50,9 @@ def run(
 
 
 class Up:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *extra: str) -> None:
         self.data_dir = data_dir
+        self.extra = extra
         self.log = data_dir.parent / f"{data_dir.name}-up.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
@@ -60,7 +61,7 @@ class Up:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PANTHEON_")}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [*pantheon_argv(), "up", "--data-dir", str(self.data_dir)],
+                [*pantheon_argv(), "up", "--data-dir", str(self.data_dir), *self.extra],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
@@ -90,7 +91,8 @@ class Up:
 
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
-    node = Up(tmp_path / "node").start()
+    # No workers: these tests are about commands and projections; tasks stay pending.
+    node = Up(tmp_path / "node", "--workers", "0").start()
     try:
         yield node
     finally:

@@ -1,0 +1,40 @@
+"""Python task targets the test-suite submits (``tests.task_targets:<name>``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def noop() -> None:
+    return None
+
+
+async def sleep(seconds: float) -> float:
+    await asyncio.sleep(seconds)
+    return seconds
+
+
+def blocking_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def fail(message: str = "boom") -> None:
+    raise RuntimeError(message)
+
+
+async def chat(ctx: Any, to: str | None = None, expect: int = 0) -> dict[str, Any]:
+    """Report progress, optionally message ``to``, read ``expect`` messages."""
+    await ctx.progress(0.5, "half way")
+    sent = await ctx.send(to, "hello from python", "high", "update") if to else None
+    received: list[dict[str, Any]] = []
+    while len(received) < expect:
+        received += await ctx.inbox(10, 10.0)
+    await ctx.heartbeat()
+    return {"sent": sent, "received": [m["body"] for m in received]}
