@@ -196,8 +196,9 @@ def up(
 ) -> None:
     """Run a node: NATS, command service, projections, scheduler and local workers.
 
-    Starts an embedded nats-server unless --nats-url joins an existing one. Stops cleanly on Ctrl-C or SIGTERM (workers hand back what they run) and
-    leaves no nats-server or worker behind.
+    Starts an embedded nats-server unless --nats-url joins an existing one. Stops cleanly on
+    Ctrl-C or SIGTERM (workers hand back what they run) and leaves no nats-server or worker
+    behind.
     """
     from pantheon_es.node import Node, NodeConfig
     from pantheon_es.scheduler import SchedulerConfig
@@ -208,6 +209,7 @@ def up(
         nats_url=nats_url,
         root=root,
         sync_interval=sync_interval,
+        read_side="process",
         workers=workers,
         worker_slots=worker_slots,
         scheduler=SchedulerConfig(lease_ttl=lease_ttl, inactivity_timeout=inactivity_timeout * 60),
@@ -222,8 +224,8 @@ def up(
         async with node:
             err.print(
                 f"[green]pantheon up[/green]: NATS {node.nats_url}  data {data_dir.resolve()}\n"
-                f"  {workers} local worker(s); try: pantheon spawn 'hello'  |  pantheon monitor  |  "
-                "Ctrl-C to stop",
+                f"  {workers} local worker(s); try: pantheon spawn 'hello'  |  "
+                "pantheon monitor  |  Ctrl-C to stop",
                 highlight=False,
             )
             await node.run()
@@ -614,7 +616,8 @@ def inbox(
         return
     for m in messages:
         out.print(
-            f"[bold]{m['priority']:>6}[/bold] {m['type']:<14} from {m['sender']}  {m['sent_at']}\n  {m['body']}",
+            f"[bold]{m['priority']:>6}[/bold] {m['type']:<14} from {m['sender']}  {m['sent_at']}\n"
+            f"  {m['body']}",
             highlight=False,
         )
     if not messages:
@@ -695,7 +698,8 @@ def worker(
     agent_template: Annotated[
         list[str] | None,
         typer.Option(
-            help='Agent command template NAME=JSON-argv, e.g. claude=\'["claude", "-p", "{prompt}"]\'.'
+            help="Agent command template NAME=JSON-argv, "
+            'e.g. claude=\'["claude", "-p", "{prompt}"]\'.'
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
@@ -754,6 +758,31 @@ def worker(
         await w.start()
         err.print(f"[green]worker[/green] {w.worker_id} ({tenant}) on {url}", highlight=False)
         await w.run()
+
+    _run(main())
+
+
+@app.command(hidden=True)
+def projector(
+    nats_url: Annotated[str, typer.Option("--nats-url", envvar="PANTHEON_NATS_URL")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    root: Root = "pantheon",
+    retention: Annotated[
+        float | None, typer.Option(help="Archive finished tasks this many seconds after.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """The read side (projector, queries, retention) as a process of its own; `up` starts it."""
+    from projections.runner import run_read_side
+
+    logs.configure(log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_read_side(nats_url, root, data_dir, retention, stop)
 
     _run(main())
 

@@ -236,7 +236,7 @@ class PantheonClient:
             "mailbox", "list", {k: v for k, v in filters.items() if v is not None}
         )
 
-    # -- reports from the holder of a lease ---------------------------------------------------------
+    # -- reports from the holder of a lease --------------------------------------------------------
     async def report_progress(
         self,
         task_id: str,
@@ -275,7 +275,7 @@ class PantheonClient:
         _put(body, usage=usage)
         return await self.command("task", "heartbeat", body)
 
-    # -- messages -----------------------------------------------------------------------------------
+    # -- messages ----------------------------------------------------------------------------------
     async def send_message(
         self,
         to: str,

@@ -242,9 +242,13 @@ def make_event(
     correlation_id: str,
     causation_id: str | None,
 ) -> Event[Any]:
-    """Wrap ``data`` in its envelope (type, version and aggregate from its class)."""
+    """Wrap ``data`` in its envelope (type, version and aggregate from its class).
+
+    Built without re-validation: ``data`` is a validated model and the other
+    fields come from the service, never from a client.
+    """
     cls = REGISTRY.envelope_class(data.event_type)
-    return cls(
+    return cls.model_construct(
         event_id=event_id,
         type=data.event_type,
         schema_version=data.schema_version,

@@ -28,6 +28,7 @@ import functools
 import importlib
 import inspect
 import os
+import queue
 import re
 import signal
 import sys
@@ -672,14 +673,45 @@ def _traceback(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else "…" + text[-(MAX_ERROR_CHARS - 1) :]
 
 
-async def _in_daemon_thread(func: Callable[[], T], name: str) -> T:
-    """Run ``func`` in a new daemon thread; if cancelled, leave it running and drop its result.
+class _DaemonThreads:
+    """Reusable daemon threads for sync task functions.
 
     Not ``asyncio.to_thread``: a sync task may run for hours, and in the
     default executor it would hold one of a few shared threads (starving the
     worker's other ``to_thread`` calls), and keep the loop's and the
     interpreter's shutdown waiting for it if it never returns after a cancel.
+    Not a thread per call either: starting one costs more than a short task.
+    Idle threads wait for the next call; a call that finds none starts one.
     """
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+                start = False
+            else:
+                start = True
+        self._work.put(job)
+        if start:
+            threading.Thread(target=self._serve, name="pantheon-task", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            self._work.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_THREADS = _DaemonThreads()
+
+
+async def _in_daemon_thread(func: Callable[[], T], name: str) -> T:
+    """Run ``func`` on a daemon thread; if cancelled, leave it running and drop its result."""
     loop = asyncio.get_running_loop()
     result: asyncio.Future[T] = loop.create_future()
     context = contextvars.copy_context()  # as to_thread: structlog bindings come along
@@ -693,6 +725,7 @@ async def _in_daemon_thread(func: Callable[[], T], name: str) -> T:
             result.set_result(value)  # type: ignore[arg-type]
 
     def main() -> None:
+        threading.current_thread().name = name  # a pooled thread carries its task's name
         try:
             value, error = context.run(func), None
         except BaseException as exc:  # handed to the awaiting task, which decides
@@ -700,7 +733,7 @@ async def _in_daemon_thread(func: Callable[[], T], name: str) -> T:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=main, name=name, daemon=True).start()
+    _THREADS.submit(main)
     return await result
 
 
@@ -723,10 +756,18 @@ class PythonExecutor:
 
     kind: str = "python"
 
+    def __init__(self) -> None:
+        # Resolved once per target: the first import runs in a thread (it may be slow).
+        self._targets: dict[str, Callable[..., Any]] = {}
+
     async def run(self, spec: PythonSpec | Mapping[str, Any], ctx: TaskContext) -> Any:
         """Call the function and return its JSON result; see the class docstring."""
         python = _coerce(spec, PythonSpec)
-        func = await asyncio.to_thread(resolve_target, python.target)
+        func = self._targets.get(python.target)
+        if func is None:
+            func = self._targets[python.target] = await asyncio.to_thread(
+                resolve_target, python.target
+            )
         kwargs = dict(python.kwargs)
         task_ctx = PythonTaskContext(ctx)
         if _wants_ctx(func):

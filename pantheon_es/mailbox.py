@@ -4,7 +4,8 @@ Unlike the orchestrator this replaces, where priority was only a label, a
 recipient's pending messages are delivered highest priority first and in
 send order within a priority. Sending, delivery and reading are events:
 ``MessageSent`` (into the mailbox), ``MessagesDelivered`` (handed to the
-agent, each message exactly once), ``MessagesRead`` (the agent acknowledged).
+agent, each message exactly once; ``read: true`` when the reader acknowledges
+on receipt), ``MessagesRead`` (an acknowledgement that came later).
 
 A message to an unknown agent is ``not_found``; to a finished one,
 ``conflict``: the service loads the recipient task's state for ``decide``.
@@ -79,7 +80,9 @@ class ReceiveMessages(Command, aggregate="mailbox", verb="receive"):
 
     agent_id: TaskId
     max: int = Field(10, ge=1, le=100)
-    ack: bool = Field(False, description="Also mark them read, in the same decision.")
+    ack: bool = Field(
+        False, description="Also mark them read: one MessagesDelivered event with read=true."
+    )
 
     def target_id(self) -> str | None:
         return self.agent_id
@@ -113,6 +116,8 @@ class MessageSent(EventData, type_name="MessageSent", version=1, aggregate="mail
 
 class MessagesDelivered(EventData, type_name="MessagesDelivered", version=1, aggregate="mailbox"):
     message_ids: list[str]
+    #: Read at delivery (the reader acknowledged on receipt): one event, not two.
+    read: bool = False
 
 
 class MessagesRead(EventData, type_name="MessagesRead", version=1, aggregate="mailbox"):
@@ -187,7 +192,7 @@ def _sent(data: MessageSent, state: MailboxState, event: Event[Any]) -> MailboxS
 
 @_apply.register
 def _delivered(data: MessagesDelivered, state: MailboxState, event: Event[Any]) -> MailboxState:
-    return _with(state, data.message_ids, "delivered")
+    return _with(state, data.message_ids, "read" if data.read else "delivered")
 
 
 @_apply.register
@@ -242,10 +247,7 @@ def _receive(command: ReceiveMessages, state: MailboxState | None, ctx: DecideCo
     if not taken:
         return Decision([], result)
     ids = [m.message_id for m in taken]
-    events: list[EventData] = [MessagesDelivered(message_ids=ids)]
-    if command.ack:
-        events.append(MessagesRead(message_ids=ids))
-    return Decision(events, result)
+    return Decision([MessagesDelivered(message_ids=ids, read=command.ack)], result)
 
 
 @_decide.register

@@ -1,11 +1,17 @@
-"""One Pantheon-ES node: what ``pantheon up`` runs in one process.
+"""One Pantheon-ES node: what ``pantheon up`` runs.
 
 Without a NATS URL it starts the embedded nats-server (store under the data
-directory), then connects, provisions the stream and buckets, and runs the
-command service, the projector and the query service until asked to stop.
-It writes ``<data-dir>/pantheon.json`` so client commands find it, and
-removes it on the way out. Stopping goes in reverse order: stop taking
-requests, finish the batch in hand, close NATS, stop the server.
+directory); then it connects, provisions the stream and buckets, and runs the
+command service and the scheduler in this process, with the read side
+(projector, query service, janitor) either in a child process of its own
+(``read_side="process"``, what ``pantheon up`` does, so projection work never
+delays a command) or in this process (``"inline"``: tests, the demo). Local
+worker processes are started and supervised beside it.
+
+It writes ``<data-dir>/pantheon.json`` so client commands find it, and removes
+it on the way out. Stopping goes in reverse order: workers hand back their
+leases, the scheduler and the service stop, the read side finishes its batch,
+NATS is closed and the embedded server stopped.
 """
 
 from __future__ import annotations
@@ -14,28 +20,32 @@ import asyncio
 import contextlib
 import gc
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import nats
 import orjson
 import structlog
 from nats.aio.client import Client as NATS
 
-from pantheon_es.client import DISCOVERY_FILE
+from pantheon_es.client import DISCOVERY_FILE, PantheonClient
 from pantheon_es.embedded import EmbeddedNats
-from pantheon_es.errors import UnavailableError
-from pantheon_es.pool import WorkerPool
-from pantheon_es.retention import Janitor
+from pantheon_es.errors import PantheonError, UnavailableError
+from pantheon_es.events import decode_record
+from pantheon_es.pool import Supervisor, read_side_child, worker_children
 from pantheon_es.scheduler import Scheduler, SchedulerConfig
 from pantheon_es.service import CommandService, ServiceConfig
-from pantheon_es.store import EventStore, StoreConfig
+from pantheon_es.store import EventFeed, EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
 from projections.projector import Projector
-from projections.query import QueryService
+from projections.runner import ReadSide
 
 log = structlog.get_logger(__name__)
+
+DB_NAME = "projections.db"
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,8 @@ class NodeConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     projector_batch: int = 2000
+    #: Where the read side runs: a child process, or this process.
+    read_side: Literal["process", "inline"] = "inline"
     #: Worker processes the node starts and supervises (0: none; run `pantheon worker`).
     workers: int = 2
     worker_tenant: str = "default"
@@ -71,7 +83,7 @@ def tune_gc() -> None:
 
 
 class Node:
-    """Embedded server (optional) + command service + projector + query service."""
+    """Embedded server (optional), command service, scheduler, read side, local workers."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -80,14 +92,21 @@ class Node:
         self.nc: NATS | None = None
         self.store: EventStore | None = None
         self.service: CommandService | None = None
-        self.projector: Projector | None = None
-        self.query: QueryService | None = None
         self.scheduler: Scheduler | None = None
-        self.janitor: Janitor | None = None
-        self.pool: WorkerPool | None = None
+        self.read: ReadSide | None = None  # inline read side
+        self.children: Supervisor | None = None
         self.nats_url = config.nats_url or ""
+        self._feed: EventFeed | None = None  # the scheduler's own, with a read side elsewhere
         self._stop = asyncio.Event()
         self._started = False
+
+    @property
+    def projector(self) -> Projector | None:
+        return self.read.projector if self.read is not None else None
+
+    @property
+    def db_path(self) -> Path:
+        return self.config.data_dir / DB_NAME
 
     @property
     def discovery_path(self) -> Path:
@@ -124,38 +143,86 @@ class Node:
             raise UnavailableError(f"cannot reach NATS at {self.nats_url}: {exc}") from None
         self.store = EventStore(self.nc, self.subjects, cfg.store)
         await self.store.provision()
-        self.projector = Projector(
-            self.store, cfg.data_dir / "projections.db", batch_size=cfg.projector_batch
-        )
-        await self.projector.open()
-        self.query = QueryService(self.nc, self.store, self.projector)
-        await self.query.start()
         self.service = CommandService(self.nc, self.store, cfg.service)
         await self.service.start()
-        # The scheduler starts from the read models at the projector's checkpoint and
-        # then sees every batch the projector decodes (one read of the log for both).
         self.scheduler = Scheduler(self.nc, self.service, self.subjects, cfg.scheduler)
-        assert self.projector.db is not None
-        head = await self.store.last_seq()
-        self.scheduler.bootstrap(self.projector.db, self.projector.position, head)
-        self.projector.sinks.append(self.scheduler.feed)
-        if cfg.retention is not None:
-            self.janitor = Janitor(self.service, self.projector.db, cfg.retention)
-            self.projector.sinks.append(self.janitor.feed)
-        if cfg.workers > 0:
-            self.pool = WorkerPool(
-                self.nats_url,
-                cfg.root,
-                cfg.data_dir,
-                size=cfg.workers,
-                tenant=cfg.worker_tenant,
-                slots=cfg.worker_slots,
+        self.children = Supervisor(cfg.data_dir / "logs")
+        if cfg.read_side == "inline":
+            # The scheduler starts from the read models at the projector's checkpoint and then
+            # sees every batch the projector decodes: one read of the log for both.
+            self.read = ReadSide(
+                self.store,
+                self.db_path,
+                batch_size=cfg.projector_batch,
+                retention=cfg.retention,
+                commands=self.service,
             )
-            await self.pool.start()
+            await self.read.start()
+            projector = self.read.projector
+            assert projector.db is not None
+            self.scheduler.bootstrap(projector.db, projector.position, await self.store.last_seq())
+            projector.sinks.append(self.scheduler.feed)
+        else:
+            await self.children.add(
+                read_side_child(self.nats_url, cfg.root, cfg.data_dir, cfg.retention)
+            )
+            position = await asyncio.to_thread(
+                self._bootstrap_from_disk, await self.store.last_seq()
+            )
+            self._feed = self.store.feed(from_seq=position + 1)
+            await self._feed.start()
+            await self._wait_for_queries()
+        for child in worker_children(
+            self.nats_url,
+            cfg.root,
+            cfg.data_dir,
+            size=cfg.workers,
+            tenant=cfg.worker_tenant,
+            slots=cfg.worker_slots,
+        ):
+            await self.children.add(child)
         self._write_discovery()
         self._started = True
         tune_gc()
         log.info("pantheon node ready", nats_url=self.nats_url, data_dir=str(cfg.data_dir))
+
+    def _bootstrap_from_disk(self, head: int) -> int:
+        """Load the scheduler from one read snapshot of the read models; their checkpoint."""
+        assert self.scheduler is not None
+        if not self.db_path.exists():
+            self.scheduler.bootstrap(None, 0, head)
+            return 0
+        db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            db.execute("BEGIN")  # one snapshot: checkpoint and rows agree
+            try:
+                row = db.execute(
+                    "SELECT last_seq FROM projector_checkpoint WHERE name = 'main'"
+                ).fetchone()
+            except sqlite3.OperationalError:  # created but not initialised yet
+                row = None
+            position = int(row[0]) if row else 0
+            self.scheduler.bootstrap(db if row else None, position, head)
+            db.execute("COMMIT")
+            return position
+        finally:
+            db.close()
+
+    async def _wait_for_queries(self, timeout: float = 60.0) -> None:
+        """The read side answers queries (so clients never meet "no responders")."""
+        assert self.nc is not None
+        client = PantheonClient(self.nc, subjects=self.subjects, timeout=2)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                await client.list_tasks(limit=1)
+                return
+            except UnavailableError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+            except PantheonError:
+                return  # it answered
 
     def _write_discovery(self) -> None:
         info = {
@@ -173,38 +240,55 @@ class Node:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def _tail_for_scheduler(self) -> None:
+        assert self._feed is not None and self.scheduler is not None
+        while True:
+            batch = await self._feed.next_batch(2000)
+            if not batch:
+                return  # the feed was stopped
+            records = []
+            for raw in batch:
+                try:
+                    records.append(decode_record(raw.data, raw.seq))
+                except (ValueError, PantheonError) as err:  # not ours to judge: skip
+                    log.warning(
+                        "scheduler skips an event it cannot read", seq=raw.seq, error=str(err)
+                    )
+            self.scheduler.feed(records)
+
     async def run(self) -> None:
         """Run every part until :meth:`request_stop`; the first failure stops them all."""
-        assert self.projector and self.service and self.query
+        assert self.service and self.scheduler and self.children
         async with asyncio.TaskGroup() as group:
-            projector = group.create_task(self.projector.run(), name="projector")
-            group.create_task(self.service.run(), name="command-service")
-            group.create_task(self.query.run(), name="query-service")
-            if self.scheduler is not None:
-                group.create_task(self.scheduler.run(), name="scheduler")
-            if self.janitor is not None:
-                group.create_task(self.janitor.run(), name="janitor")
-            if self.pool is not None:
-                group.create_task(self.pool.supervise(), name="worker-pool")
+            parts = [
+                group.create_task(self.service.run(), name="command-service"),
+                group.create_task(self.scheduler.run(), name="scheduler"),
+                group.create_task(self.children.supervise(), name="children"),
+            ]
+            if self.read is not None:
+                parts.append(group.create_task(self.read.run(), name="read-side"))
+            if self._feed is not None:
+                parts.append(group.create_task(self._tail_for_scheduler(), name="scheduler-feed"))
             stop = group.create_task(self._stop.wait(), name="stop")
-            await asyncio.wait({projector, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({*parts, stop}, return_when=asyncio.FIRST_COMPLETED)
             await self.shutdown()
 
     async def shutdown(self) -> None:
         """Stop everything in reverse order. Idempotent."""
         self._stop.set()
-        if self.pool is not None:  # workers first: they hand back leases through the service
-            await self.pool.stop()
-        if self.janitor is not None:
-            self.janitor.shutdown()
+        if self.children is not None:  # workers first: they hand back leases through the service
+            workers = [n for n in self.children.procs if n != "read-side"]
+            await self.children.stop(workers)
         if self.scheduler is not None:
             await self.scheduler.shutdown()
+        if self._feed is not None:
+            await self._feed.stop()
         if self.service is not None:
             await self.service.shutdown()
-        if self.query is not None:
-            await self.query.shutdown()
-        if self.projector is not None:
-            await self.projector.shutdown()
+        if self.children is not None:
+            await self.children.stop()
+        if self.read is not None:
+            await self.read.shutdown()
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.drain()

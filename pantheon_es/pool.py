@@ -1,11 +1,12 @@
-"""The local worker pool of ``pantheon up``: ``pantheon worker`` processes it supervises.
+"""Child processes of ``pantheon up``: the read side and the local workers.
 
-Each worker is a separate process (python tasks then run beside the node, not
-inside it, and a crashing task takes only its worker down). A worker that exits
-while the node runs is started again after a backoff, with a new incarnation
-under the same worker id, so the scheduler expires its old leases at once. On
-shutdown each worker gets SIGTERM: it drains, finishes or hands back its
-leases, and deregisters. Workers die with the node (``PR_SET_PDEATHSIG``).
+Each child is a ``pantheon`` subcommand in a process of its own. A child that
+exits while the node runs is started again after a backoff (a worker comes
+back as a new incarnation under the same id, so the scheduler expires its old
+leases at once). On shutdown each child gets SIGTERM and time to finish (a
+worker drains and hands back its leases). Children die with the node
+(``PR_SET_PDEATHSIG``) and get no terminal signals of their own: Ctrl-C
+reaches the node, which stops them in order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -26,94 +28,118 @@ from pantheon_es.embedded import _die_with_parent
 log = structlog.get_logger(__name__)
 
 
-class WorkerPool:
-    def __init__(
-        self,
-        nats_url: str,
-        root: str,
-        data_dir: Path,
-        *,
-        size: int,
-        tenant: str = "default",
-        slots: int = 16,
-        shutdown_timeout: float = 30.0,
-    ) -> None:
-        self.nats_url = nats_url
-        self.root = root
-        self.data_dir = data_dir
-        self.size = size
-        self.tenant = tenant
-        self.slots = slots
-        self.shutdown_timeout = shutdown_timeout
-        host = socket.gethostname().split(".")[0].replace("_", "-")
-        self.ids = [f"{host}-{os.getpid()}-w{i + 1}" for i in range(size)]
+@dataclass(frozen=True)
+class Child:
+    name: str
+    argv: list[str]
+
+
+class Supervisor:
+    """Starts named children, restarts those that exit, stops them all on request."""
+
+    def __init__(self, log_dir: Path, *, stop_timeout: float = 30.0) -> None:
+        self.log_dir = log_dir
+        self.stop_timeout = stop_timeout
+        self.children: dict[str, Child] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._stopping = False
+        self._stopped = asyncio.Event()
 
-    def _argv(self, worker_id: str) -> list[str]:
-        return [
-            sys.executable, "-m", "pantheon_es.cli", "worker",
-            "--nats-url", self.nats_url,
-            "--namespace", self.root,
-            "--tenant", self.tenant,
-            "--data-dir", str(self.data_dir),
-            "--worker-id", worker_id,
-            "--slots", str(self.slots),
-            "--shutdown-timeout", str(self.shutdown_timeout),
-        ]  # fmt: skip
+    async def add(self, child: Child) -> asyncio.subprocess.Process:
+        self.children[child.name] = child
+        return await self._spawn(child)
 
-    async def _spawn(self, worker_id: str) -> asyncio.subprocess.Process:
-        log_path = self.data_dir / "logs" / f"{worker_id}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
+    async def _spawn(self, child: Child) -> asyncio.subprocess.Process:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{child.name}.log"
+        with open(log_path, "ab") as out:  # noqa: ASYNC230 - opened once per child start, before the process exists
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(worker_id),
+                *child.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the node, which stops workers in order
+                start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        self.procs[worker_id] = proc
-        log.info("worker started", worker_id=worker_id, pid=proc.pid, log=str(log_path))
+        self.procs[child.name] = proc
+        log.info("child started", child=child.name, pid=proc.pid, log=str(log_path))
         return proc
 
-    async def start(self) -> None:
-        for worker_id in self.ids:
-            await self._spawn(worker_id)
-
     async def supervise(self) -> None:
-        """Start a worker again when it exits while the node runs."""
+        """Start a child again when it exits while the node runs; return once stopped."""
         async with asyncio.TaskGroup() as group:
-            for worker_id in self.ids:
-                group.create_task(self._keep(worker_id))
+            for name in list(self.children):
+                group.create_task(self._keep(name))
+        await self._stopped.wait()  # also with no children: the node's parts end together
 
-    async def _keep(self, worker_id: str) -> None:
+    async def _keep(self, name: str) -> None:
         restarts = 0
         while not self._stopping:
-            proc = self.procs.get(worker_id) or await self._spawn(worker_id)
+            proc = self.procs.get(name) or await self._spawn(self.children[name])
             code = await proc.wait()
             if self._stopping:
                 return
             restarts += 1
             delay = min(30.0, 0.5 * 2 ** min(restarts, 6))
-            log.warning(
-                "worker exited; starting it again", worker_id=worker_id, code=code, delay=delay
-            )
-            self.procs.pop(worker_id, None)
+            log.warning("child exited; starting it again", child=name, code=code, delay=delay)
+            self.procs.pop(name, None)
             await asyncio.sleep(delay)
 
-    async def stop(self) -> None:
-        """SIGTERM every worker, wait for them to hand back their work, then make sure."""
+    async def stop(self, names: list[str] | None = None) -> None:
+        """SIGTERM the children (all, or just ``names``), wait, then make sure."""
         self._stopping = True
-        for proc in self.procs.values():
+        if names is None:
+            self._stopped.set()
+        chosen = [n for n in (names or list(self.procs)) if n in self.procs]
+        for name in chosen:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
+                self.procs[name].send_signal(signal.SIGTERM)
+        for name in chosen:
+            proc = self.procs.pop(name)
             try:
-                await asyncio.wait_for(proc.wait(), self.shutdown_timeout + 5)
+                await asyncio.wait_for(proc.wait(), self.stop_timeout + 5)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        self.procs.clear()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pantheon_es.cli", *args]
+
+
+def worker_children(
+    nats_url: str,
+    root: str,
+    data_dir: Path,
+    *,
+    size: int,
+    tenant: str = "default",
+    slots: int = 16,
+    shutdown_timeout: float = 30.0,
+) -> list[Child]:
+    host = socket.gethostname().split(".")[0].replace("_", "-")
+    children = []
+    for i in range(size):
+        worker_id = f"{host}-{os.getpid()}-w{i + 1}"
+        argv = _cli(
+            "worker",
+            "--nats-url", nats_url,
+            "--namespace", root,
+            "--tenant", tenant,
+            "--data-dir", str(data_dir),
+            "--worker-id", worker_id,
+            "--slots", str(slots),
+            "--shutdown-timeout", str(shutdown_timeout),
+        )  # fmt: skip
+        children.append(Child(worker_id, argv))
+    return children
+
+
+def read_side_child(nats_url: str, root: str, data_dir: Path, retention: float | None) -> Child:
+    argv = _cli(
+        "projector", "--nats-url", nats_url, "--namespace", root, "--data-dir", str(data_dir)
+    )
+    if retention is not None:
+        argv += ["--retention", str(retention)]
+    return Child("read-side", argv)

@@ -136,7 +136,8 @@ class Janitor:
         tenants = [
             r[0]
             for r in self.db.execute(
-                f"SELECT DISTINCT tenant FROM tasks WHERE status IN ({placeholders}) AND finished_at < ?",
+                f"SELECT DISTINCT tenant FROM tasks WHERE status IN ({placeholders}) "
+                "AND finished_at < ?",
                 (*FINISHED, stamp),
             ).fetchall()
         ]

@@ -128,10 +128,34 @@ def choose_worker(request: Resources, workers: Iterable[LiveWorker]) -> LiveWork
     """The accepting worker with the most free slots that fits ``request``."""
     best: LiveWorker | None = None
     for worker in workers:
-        if worker.accepting and fits(request, worker.free, worker.free_slots):
-            if best is None or worker.free_slots > best.free_slots:
-                best = worker
+        if (
+            worker.accepting
+            and fits(request, worker.free, worker.free_slots)
+            and (best is None or worker.free_slots > best.free_slots)
+        ):
+            best = worker
     return best
+
+
+_FINISHING = frozenset({"TaskCompleted", "TaskFailed", "TaskCancelled", "TaskTimedOut"})
+
+
+def _submitted_state(record: EventRecord) -> TaskState:
+    """A new task's state straight from its TaskSubmitted record (what evolve would build)."""
+    d = record.data
+    at = datetime.fromisoformat(record.occurred_at)
+    return TaskState(
+        task_id=record.aggregate_id,
+        status=TaskStatus.PENDING,
+        name=d["name"],
+        priority=d["priority"],
+        resources=Resources.model_validate(d["resources"]),
+        executor_kind=d["executor"]["kind"],
+        submitted_at=at,
+        last_activity_at=at,
+        inactivity_timeout=d.get("inactivity_timeout"),
+        max_attempts=d.get("max_attempts", 3),
+    )
 
 
 def _ts(value: str | None) -> datetime | None:
@@ -176,11 +200,15 @@ class Scheduler:
         """
         self.position = position
         self._ready_at = head
+        if db is None:  # no read models yet: nothing is live
+            log.info("scheduler bootstrapped", tasks=0, workers=0, position=position, head=head)
+            return
         live = ", ".join(f"'{s}'" for s in LIVE)
         rows = db.execute(
-            "SELECT tenant, id, status, name, priority, resources, executor_kind, executor, labels, "
-            "submitted_at, last_activity_at, inactivity_timeout, max_attempts, attempt, lease_id, "
-            "worker_id, fencing_token, lease_expires_at, lease_ttl, started_at, version, task_seq "
+            "SELECT tenant, id, status, name, priority, resources, executor_kind, executor, "
+            "labels, submitted_at, last_activity_at, inactivity_timeout, max_attempts, attempt, "
+            "lease_id, worker_id, fencing_token, lease_expires_at, lease_ttl, started_at, version, "
+            "task_seq "
             f"FROM tasks WHERE status IN ({live}) ORDER BY id"
         ).fetchall()
         for r in rows:
@@ -255,7 +283,7 @@ class Scheduler:
             head=head,
         )
 
-    # -- input ---------------------------------------------------------------------------------------
+    # -- input -------------------------------------------------------------------------------------
     def feed(self, records: list[EventRecord]) -> None:
         """A decoded batch of the log, in order (a projector sink)."""
         self._queue.extend(records)
@@ -265,7 +293,7 @@ class Scheduler:
     def ready(self) -> bool:
         return self.position >= self._ready_at
 
-    # -- the loop ------------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:
         """React to events and deadlines until :meth:`shutdown`."""
         while not self._stopping:
@@ -293,7 +321,7 @@ class Scheduler:
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=10)
 
-    # -- keeping the live set ----------------------------------------------------------------------------
+    # -- keeping the live set ----------------------------------------------------------------------
     def _typed(self, record: EventRecord) -> Event[Any]:
         raw = record._asdict()
         del raw["seq"]
@@ -322,20 +350,32 @@ class Scheduler:
         task = self.tasks.get(key)
         if record.type == "TaskSubmitted":
             if task is None:
-                event = self._typed(record)
                 d = record.data
                 spec = {"name": d["name"], "executor": d["executor"], "labels": d["labels"]}
-                self._add_task(record.tenant, TASK.evolve(None, event), record.seq, spec)
+                self._add_task(record.tenant, _submitted_state(record), record.seq, spec)
             return
         if task is None or record.seq <= task.seq:
             return  # finished (not live), or a decision of ours already applied
+        if record.type in _FINISHING:
+            # No need to fold it: the task leaves the live set. Stop it on its worker if
+            # it was cancelled or timed out while it ran.
+            lease = task.state.lease
+            if lease is not None and record.type in ("TaskCancelled", "TaskTimedOut"):
+                reason = "cancelled" if record.type == "TaskCancelled" else "timed_out"
+                self._stop_on_worker(task, lease, reason)
+            self._release(task)
+            self._dequeue(task)
+            del self.tasks[key]
+            return
         old = task.state
         task.state = TASK.evolve(old, self._typed(record))
         task.seq = record.seq
         new = task.state
-        if record.type in ("TaskStarted", "LeaseRenewed", "TaskProgressed"):
-            if new.last_activity_at > task.last_activity:
-                task.last_activity = new.last_activity_at
+        if (
+            record.type in ("TaskStarted", "LeaseRenewed", "TaskProgressed")
+            and new.last_activity_at > task.last_activity
+        ):
+            task.last_activity = new.last_activity_at
         if new.status in LIVE:
             self._track(task)
             if new.status == TaskStatus.PENDING and old.status != TaskStatus.PENDING:
@@ -434,7 +474,7 @@ class Scheduler:
             self._place_needed = True
             self._wake.set()
 
-    # -- timers --------------------------------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------------------
     def _push(self, when: datetime, kind: str, key: Key, token: str) -> None:
         heapq.heappush(self._heap, (when, next(self._tick), kind, key, token))
         self._wake.set()
@@ -444,7 +484,8 @@ class Scheduler:
         return self.config.inactivity_timeout if timeout is None else timeout
 
     def _track(self, task: LiveTask) -> None:
-        """(Re)arm the task's timers from its state; stale heap entries are skipped when they fire."""
+        """(Re)arm the task's timers from its state; stale heap entries are skipped when
+        they fire."""
         key = (task.tenant, task.state.task_id)
         lease = task.state.lease
         if lease is not None:
@@ -458,7 +499,7 @@ class Scheduler:
     async def _fire_due(self) -> None:
         now = datetime.now(UTC)
         while self._heap and self._heap[0][0] <= now:
-            when, _, kind, key, token = heapq.heappop(self._heap)
+            _when, _, kind, key, token = heapq.heappop(self._heap)
             if kind == "lease":
                 task = self.tasks.get(key)
                 lease = task.state.lease if task else None
@@ -480,7 +521,7 @@ class Scheduler:
                 if worker and worker.state.incarnation == token and worker.state.expires_at <= now:
                     self._decide_worker(worker, LoseWorker(worker_id=key[1], incarnation=token))
 
-    # -- decisions -----------------------------------------------------------------------------------
+    # -- decisions ---------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._inflight.add(task)

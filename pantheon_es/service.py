@@ -214,12 +214,13 @@ class CommandService:
             return await command.run(self, tenant)
         command_id = ids.new_id()
         correlation_id = command.correlation_id or command_id
-        with structlog.contextvars.bound_contextvars(
+        # Every request runs in a task of its own, so the binding needs no reset.
+        structlog.contextvars.bind_contextvars(
             tenant=tenant, correlation_id=correlation_id, command=type(command).__name__
-        ):
-            if command.idempotency_key is not None:
-                return await self._execute_keyed(tenant, command, command_id, correlation_id)
-            return await self._execute_once(tenant, command, command_id, correlation_id, known)
+        )
+        if command.idempotency_key is not None:
+            return await self._execute_keyed(tenant, command, command_id, correlation_id)
+        return await self._execute_once(tenant, command, command_id, correlation_id, known)
 
     async def _plan(
         self,

@@ -6,7 +6,8 @@ Life of a task (an agent is a task whose executor is ``agent``)::
        ^                        |                        |------TaskFailed-----> failed
        |                        |                        |------TaskTimedOut---> timed_out
        +---LeaseExpired/LeaseReleased (attempts left)----+
-    any non-terminal --TaskCancelled--> cancelled;  terminal --TaskArchived--> (gone from read models)
+    any non-terminal --TaskCancelled--> cancelled
+    terminal --TaskArchived--> (gone from read models)
 
 A lease carries a fencing token (the task's lease counter: 1, 2, 3...). Every
 report from a worker (start, heartbeat, progress, completion, failure,
@@ -287,12 +288,16 @@ class TaskCompleted(EventData, type_name="TaskCompleted", version=1, aggregate="
     lease_id: str
     result: Any = None
     usage: Usage | None = None
+    #: When it started, if no TaskStarted was recorded (a task that finished before
+    #: its worker reported the start): one event instead of a 2-event batch.
+    started_at: datetime | None = None
 
 
 class TaskFailed(EventData, type_name="TaskFailed", version=1, aggregate="task"):
     lease_id: str | None
     error: ErrorInfo
     usage: Usage | None = None
+    started_at: datetime | None = None
 
 
 class TaskTimedOut(EventData, type_name="TaskTimedOut", version=1, aggregate="task"):
@@ -401,7 +406,10 @@ def _released(data: LeaseReleased, state: TaskState, event: Event[Any]) -> TaskS
 
 
 def _finish(state: TaskState, status: TaskStatus, event: Event[Any]) -> TaskState:
-    return replace(state, status=status, lease=None, finished_at=event.occurred_at)
+    started = getattr(event.data, "started_at", None) or state.started_at
+    return replace(
+        state, status=status, lease=None, finished_at=event.occurred_at, started_at=started
+    )
 
 
 @_apply.register
@@ -494,13 +502,13 @@ def _status(state: TaskState, **extra: Any) -> dict[str, Any]:
     return {"task_id": state.task_id, "status": state.status.value, **extra}
 
 
-def _started_event(
-    state: TaskState, lease: Lease, started_at: datetime | None, now: datetime
-) -> list[EventData]:
-    """A TaskStarted to go with a finish, if the start was never reported."""
+def _unreported_start(
+    state: TaskState, started_at: datetime | None, now: datetime
+) -> datetime | None:
+    """The start time a finish must carry, if no TaskStarted was recorded."""
     if state.status != TaskStatus.LEASED:
-        return []
-    return [TaskStarted(lease_id=lease.lease_id, started_at=started_at or now)]
+        return None
+    return started_at or now
 
 
 @functools.singledispatch
@@ -606,20 +614,26 @@ def _progress(command: ReportProgress, state: TaskState | None, ctx: DecideConte
 def _complete(command: CompleteTask, state: TaskState | None, ctx: DecideContext) -> Decision:
     lease = live_lease(state, command, ctx.now)
     assert state is not None
-    events = _started_event(state, lease, command.started_at, ctx.now)
-    events.append(
-        TaskCompleted(lease_id=lease.lease_id, result=command.result, usage=command.usage)
+    event = TaskCompleted(
+        lease_id=lease.lease_id,
+        result=command.result,
+        usage=command.usage,
+        started_at=_unreported_start(state, command.started_at, ctx.now),
     )
-    return Decision(events, {"task_id": state.task_id, "status": "completed"})
+    return Decision([event], {"task_id": state.task_id, "status": "completed"})
 
 
 @_decide.register
 def _fail(command: FailTask, state: TaskState | None, ctx: DecideContext) -> Decision:
     lease = live_lease(state, command, ctx.now)
     assert state is not None
-    events = _started_event(state, lease, command.started_at, ctx.now)
-    events.append(TaskFailed(lease_id=lease.lease_id, error=command.error, usage=command.usage))
-    return Decision(events, {"task_id": state.task_id, "status": "failed"})
+    event = TaskFailed(
+        lease_id=lease.lease_id,
+        error=command.error,
+        usage=command.usage,
+        started_at=_unreported_start(state, command.started_at, ctx.now),
+    )
+    return Decision([event], {"task_id": state.task_id, "status": "failed"})
 
 
 def _lose_lease(state: TaskState, lease: Lease, event: EventData) -> Decision:

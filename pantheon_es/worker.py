@@ -78,6 +78,8 @@ class WorkerConfig:
     data_dir: Path = Path(".pantheon")
     agent_templates: dict[str, list[str]] = field(default_factory=dict)
     report_timeout: float = 120.0  # how long a final report is retried while unavailable
+    #: How often a shell or agent task's process tree is measured (psutil) while it runs.
+    usage_interval: float = 1.0
 
 
 class _Usage:
@@ -115,6 +117,11 @@ class _Usage:
             self._last = {"cpu_percent": round(cpu, 1), "memory_mb": round(rss / (1024 * 1024), 2)}
         return self._last
 
+    @property
+    def last(self) -> dict[str, float] | None:
+        """The last reading, without measuring again (walking a process tree costs a /proc scan)."""
+        return self._last
+
 
 @dataclass
 class Execution:
@@ -125,6 +132,8 @@ class Execution:
     started_at: datetime | None = None
     usage: _Usage = field(default_factory=_Usage)
     lost: bool = False  # the lease is no longer ours
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    start_report: asyncio.Future[None] | None = None
 
     @property
     def task_id(self) -> str:
@@ -319,13 +328,13 @@ class Worker:
                 await self.client.command("task", "release", {**execution.lease, "reason": reason})
         self.running.pop(execution.task_id, None)
 
-    # -- running one task ----------------------------------------------------------------------------
+    # -- running one task --------------------------------------------------------------------------
     def _context(self, execution: Execution) -> TaskContext:
         offer = execution.offer
         assert self.client is not None
         client = self.client
+        # Created by the executors that write there (python tasks never do).
         output_dir = self.config.data_dir / "outputs" / offer["task_id"] / str(offer["attempt"])
-        output_dir.mkdir(parents=True, exist_ok=True)
 
         def mark() -> None:
             execution.activity = True
@@ -339,7 +348,7 @@ class Worker:
         async def heartbeat() -> None:
             mark()
             await self._report(
-                execution, "heartbeat", {"activity": True, "usage": execution.usage.sample()}
+                execution, "heartbeat", {"activity": True, "usage": self._usage(execution)}
             )
 
         async def inbox(max_messages: int, wait: float | None) -> list[dict[str, Any]]:
@@ -379,9 +388,19 @@ class Worker:
         execution.started_at = datetime.now(UTC)
         kind = offer["executor"]["kind"]
         if kind == "python":
-            execution.usage.add(os.getpid())  # python tasks run in this process
-        renewals = asyncio.create_task(self._renew(execution))
-        starter = asyncio.create_task(self._report_start_later(execution))
+            # Python tasks run in this process: they report the worker's own use, which the
+            # worker measures on its heartbeats (one /proc read per interval, not per task).
+            execution.usage = self._self_usage
+        # Timers, not tasks: most tasks finish before either fires.
+        loop = asyncio.get_running_loop()
+        execution.timers = [
+            loop.call_later(self.config.start_report_delay, self._report_start, execution),
+            loop.call_later(float(offer["ttl"]) / 3, self._renew, execution),
+        ]
+        if kind != "python":  # a process tree of its own: measure it while it runs
+            execution.timers.append(
+                loop.call_later(self.config.usage_interval, self._sample, execution)
+            )
         outcome: tuple[str, Any]
         try:
             spec = _SPECS[kind].model_validate(offer["executor"])
@@ -390,40 +409,58 @@ class Worker:
         except ExecutionError as err:
             outcome = ("fail", {"type": err.type, "message": err.message, "details": err.details})
         except asyncio.CancelledError:
-            starter.cancel()
-            renewals.cancel()
             self.running.pop(execution.task_id, None)
             raise
         except Exception as exc:  # an executor bug: the task fails, the worker lives on
             log.exception("executor failed unexpectedly")
             outcome = ("fail", {"type": type(exc).__name__, "message": str(exc)})
         finally:
-            renewals.cancel()
-        starter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starter
+            for timer in execution.timers:
+                timer.cancel()
+        if execution.start_report is not None:  # its start goes to the service first
+            with contextlib.suppress(asyncio.CancelledError):
+                await execution.start_report
         try:
             if not execution.lost:
                 await self._finish(execution, *outcome)
         finally:
             self.running.pop(execution.task_id, None)
 
-    async def _report_start_later(self, execution: Execution) -> None:
-        await asyncio.sleep(self.config.start_report_delay)
+    def _report_start(self, execution: Execution) -> None:
         execution.started_reported = True
-        await self._report(execution, "start", {"pid": os.getpid()})
+        execution.start_report = asyncio.ensure_future(
+            self._report(execution, "start", {"pid": os.getpid()})
+        )
 
-    async def _renew(self, execution: Execution) -> None:
+    def _renew(self, execution: Execution) -> None:
+        """Renew the lease, and arm the next renewal."""
         interval = float(execution.offer["ttl"]) / 3
-        while True:
-            await asyncio.sleep(interval)
-            activity, execution.activity = execution.activity, False
-            await self._report(
-                execution, "heartbeat", {"activity": activity, "usage": execution.usage.sample()}
-            )
+        # timers = [start report, next renewal]: replace the renewal that just fired.
+        execution.timers[1] = asyncio.get_running_loop().call_later(
+            interval, self._renew, execution
+        )
+        activity, execution.activity = execution.activity, False
+        usage = self._usage(execution)
+        self._background(
+            self._report(execution, "heartbeat", {"activity": activity, "usage": usage})
+        )
+
+    def _sample(self, execution: Execution) -> None:
+        """Measure a task's process tree now and every ``usage_interval`` while it runs."""
+        execution.usage.sample()
+        # timers = [start report, next renewal, next sample]: replace the sample that fired.
+        execution.timers[2] = asyncio.get_running_loop().call_later(
+            self.config.usage_interval, self._sample, execution
+        )
+
+    def _usage(self, execution: Execution) -> dict[str, float] | None:
+        """The task's latest reading: its own process tree's, or (python) the worker's."""
+        return execution.usage.last
 
     async def _finish(self, execution: Execution, verb: str, value: Any) -> None:
-        body: dict[str, Any] = {"usage": execution.usage.sample()}
+        # The last reading: by now the task's processes are gone, and a new sample
+        # would walk /proc for nothing.
+        body: dict[str, Any] = {"usage": execution.usage.last}
         if not execution.started_reported and execution.started_at is not None:
             body["started_at"] = execution.started_at.isoformat()
         if verb == "complete":
@@ -435,7 +472,8 @@ class Worker:
     async def _report(
         self, execution: Execution, verb: str, extra: dict[str, Any], *, final: bool = False
     ) -> None:
-        """Send a lease report; stale -> stop the execution; unavailable -> retry (final reports)."""
+        """Send a lease report; stale -> stop the execution; unavailable -> retry (final
+        reports)."""
         if self.client is None or execution.lost:
             return
         client = self.client

@@ -103,6 +103,8 @@ class MessagesModel(ReadModel):
     @handles(MessagesDelivered, load=_listed)
     def delivered(self, uow: Batch, ev: EventRecord) -> None:
         self._mark(uow, ev, "delivered", "delivered_at")
+        if ev.data.get("read"):
+            self._mark(uow, ev, "read", "read_at")
 
     @handles(MessagesRead, load=_listed)
     def read(self, uow: Batch, ev: EventRecord) -> None:

@@ -272,6 +272,8 @@ class TasksModel(ReadModel):
         self._update(uow, ev, status="pending", activity="active", **self._NO_LEASE)
 
     def _finish(self, uow: Batch, ev: EventRecord, status: str, **changes: Any) -> None:
+        if ev.data.get("started_at"):  # finished before its start was reported
+            changes["started_at"] = ev.data["started_at"]
         usage = ev.data.get("usage")
         if usage:
             changes["cpu_percent"] = usage["cpu_percent"]
@@ -484,7 +486,8 @@ async def monitor(db: aiosqlite.Connection, tenant: str, query: Monitor) -> dict
     """Agents at a glance: totals by status, and each agent's task, status and times."""
     totals = {s.value: 0 for s in TaskStatus}
     async with db.execute(
-        "SELECT status, count(*) FROM tasks WHERE tenant = ? AND executor_kind = 'agent' GROUP BY status",
+        "SELECT status, count(*) FROM tasks WHERE tenant = ? AND executor_kind = 'agent' "
+        "GROUP BY status",
         (tenant,),
     ) as cur:
         for status, count in await cur.fetchall():

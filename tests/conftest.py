@@ -189,7 +189,7 @@ class Cluster:
                 "--shutdown-timeout",
                 "2",
                 *extra,
-            ],  # fmt: skip
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[1],

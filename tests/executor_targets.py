@@ -55,6 +55,11 @@ def thread_name() -> str:
     return threading.current_thread().name
 
 
+def thread_info() -> dict[str, object]:
+    current = threading.current_thread()
+    return {"name": current.name, "daemon": current.daemon, "ident": current.ident}
+
+
 def sync_with_ctx(ctx: PythonTaskContext, to: str) -> dict[str, Any]:
     ctx.progress_sync(0.5, "half way")
     ctx.heartbeat_sync()

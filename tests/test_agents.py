@@ -120,7 +120,7 @@ async def test_shell_task_usage_is_sampled_and_shown_in_the_read_model(cluster: 
 
     assert done["status"] == "completed", done.get("error")
     assert done["result"]["exit_code"] == 0 and "done" in done["result"]["stdout_tail"]
-    assert Path(done["result"]["stdout_path"]).read_text().strip() == "done"
+    assert Path(done["result"]["stdout_path"]).read_text().strip() == "done"  # noqa: ASYNC240 - a small file, read once
     assert done["cpu_percent"] > 10 and done["memory_mb"] > 1  # a real busy process, measured
 
 
@@ -186,7 +186,7 @@ class UpProcess:
                     "0",
                     "--lease-ttl",
                     "6",
-                ],  # fmt: skip
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
@@ -218,7 +218,7 @@ async def test_service_killed_and_restarted_loses_and_duplicates_nothing(
     up.data_dir.mkdir()
     up.start()
     workers = [
-        subprocess.Popen(
+        subprocess.Popen(  # noqa: ASYNC220 - the test runs real worker processes, started once
             [
                 sys.executable,
                 "-m",
@@ -234,8 +234,8 @@ async def test_service_killed_and_restarted_loses_and_duplicates_nothing(
                 f"rw{i}",
                 "--ttl",
                 "10",
-            ],  # fmt: skip
-            stdout=open(tmp_path / f"rw{i}.log", "wb"),  # noqa: SIM115
+            ],
+            stdout=open(tmp_path / f"rw{i}.log", "wb"),  # noqa: SIM115, ASYNC230 - test setup, closed with the process
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env=pythonpath_env(),

@@ -215,7 +215,9 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "identical to the live tables" in result.stdout
     assert "stream last sequence unchanged: True" in result.stdout
-    assert "nats-server terminated" in result.stdout
+    assert "workers, services and nats-server are down" in result.stdout
+    assert "lead              completed" in result.stdout  # agents coordinated by message
+    assert "now cancelled" in result.stdout
     assert not (tmp_path / "demo" / "pantheon.json").exists()
 
 

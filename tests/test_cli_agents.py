@@ -44,8 +44,8 @@ def test_agent_parity_through_the_cli(node: Up, tmp_path: Path) -> None:
     worker_agent = run("spawn", "Review the notes", "--file", str(notes), data_dir=d).stdout.strip()
     assert len(worker_agent) == 26
     lead = run(
-        "spawn", "/recv 1 60\n/result {\"led\": true}", "--delegate", worker_agent, "--name", "lead",
-        data_dir=d,
+        "spawn", "/recv 1 60\n/result {\"led\": true}", "--delegate", worker_agent,
+        "--name", "lead", data_dir=d,
     ).stdout.strip()  # fmt: skip
     sleeper = run("spawn", "/sleep 30", "--name", "sleeper", data_dir=d).stdout.strip()
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -354,9 +355,16 @@ def pyspec(name: str, **kwargs: Any) -> PythonSpec:
     return PythonSpec(target=f"tests.executor_targets:{name}", kwargs=kwargs)
 
 
-async def test_python_sync_function_runs_in_its_own_thread(ctx: TaskContext) -> None:
-    assert await PythonExecutor().run(pyspec("add", a=2, b=3), ctx) == 5
-    assert await PythonExecutor().run(pyspec("thread_name"), ctx) == "pantheon-task-01TASK"
+async def test_python_sync_function_runs_on_a_reused_daemon_thread_named_after_the_task(
+    ctx: TaskContext,
+) -> None:
+    executor = PythonExecutor()
+    assert await executor.run(pyspec("add", a=2, b=3), ctx) == 5
+    first = await executor.run(pyspec("thread_info"), ctx)
+    second = await executor.run(pyspec("thread_info"), ctx)
+    assert first["name"] == "pantheon-task-01TASK" and first["daemon"] is True
+    assert first["ident"] == second["ident"]  # no new thread per call
+    assert first["ident"] != threading.get_ident()
 
 
 async def test_python_async_function_is_awaited(ctx: TaskContext) -> None:

@@ -110,12 +110,21 @@ def test_grant_start_heartbeat_complete_is_the_happy_path() -> None:
     assert task.state.status == TaskStatus.COMPLETED and task.state.lease is None
 
 
-def test_completion_without_a_reported_start_records_both_in_one_decision() -> None:
+def test_completion_without_a_reported_start_carries_the_start_in_one_event() -> None:
     task = leased_task()
     started = T0 + timedelta(seconds=2)
     task.do(report(CompleteTask, result=1, started_at=started), at=3)
-    assert task.types[-2:] == ["TaskStarted", "TaskCompleted"]
-    assert task.events[-2].started_at == started  # type: ignore[attr-defined]
+    assert task.types[-1] == "TaskCompleted" and "TaskStarted" not in task.types
+    assert task.events[-1].started_at == started  # type: ignore[attr-defined]
+    assert task.state.started_at == started and task.state.status == TaskStatus.COMPLETED
+
+
+def test_completion_after_a_reported_start_does_not_repeat_it() -> None:
+    task = leased_task()
+    task.do(report(StartTask), at=1)
+    task.do(report(CompleteTask, started_at=T0), at=2)
+    assert task.events[-1].started_at is None  # type: ignore[attr-defined]
+    assert task.state.started_at == T0 + timedelta(seconds=1)
 
 
 @pytest.mark.parametrize(
@@ -288,3 +297,31 @@ def test_worker_is_lost_only_after_its_heartbeats_stop() -> None:
         at=17,
     )
     assert worker.state.incarnation == "i2" and worker.state.status.value == "active"
+
+
+def test_scheduler_builds_the_same_state_from_a_submit_record_as_evolve() -> None:
+    from pantheon_es.events import decode_record, encode
+    from pantheon_es.scheduler import _submitted_state
+
+    task = Aggregate(TASK)
+    task.do(
+        SubmitTask(
+            name="t",
+            executor=SHELL,
+            task_id=TID,
+            resources={"cpu": 0.5, "memory_mb": 64, "custom": {"licence": 1}},
+            inactivity_timeout=12,
+            max_attempts=5,
+        )
+    )
+    event = make_event(
+        task.events[0],
+        event_id="E" * 26,
+        tenant="default",
+        aggregate_id=TID,
+        occurred_at=T0,
+        actor="t",
+        correlation_id="c",
+        causation_id=None,
+    )
+    assert _submitted_state(decode_record(encode(event), 1)) == TASK.evolve(None, event)

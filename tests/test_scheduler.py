@@ -32,7 +32,18 @@ async def test_submitted_task_is_leased_run_and_completed_with_its_result(cluste
 
     assert done["status"] == "completed" and done["result"] == 5
     assert done["attempt"] == 1 and done["started_at"] and done["finished_at"]
+    assert done["started_at"] <= done["finished_at"]
     types = [e.type for e in await history(cluster, submitted["task_id"])]
+    # A task this quick finishes before its worker reports the start: the start
+    # travels in TaskCompleted (one append, not a 2-event batch).
+    assert types == ["TaskSubmitted", "LeaseGranted", "TaskCompleted"]
+
+
+async def test_longer_task_reports_its_start_as_its_own_event(cluster: Cluster) -> None:
+    await cluster.add_worker(worker_id="w1")
+    task_id = (await cluster.client.submit_task("s", python("sleep", seconds=0.3)))["task_id"]
+    await cluster.client.wait_for_task(task_id, timeout=20)
+    types = [e.type for e in await history(cluster, task_id)]
     assert types == ["TaskSubmitted", "LeaseGranted", "TaskStarted", "TaskCompleted"]
 
 

@@ -47,7 +47,7 @@ NO_CPU = {"cpu": 0}  # a no-op needs no core; the worker's slots bound concurren
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class Node:
@@ -75,7 +75,7 @@ class Node:
                 str(self.slots),
                 "--log-level",
                 "warning",
-            ],  # fmt: skip
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parents[1],
@@ -133,8 +133,12 @@ async def throughput(client: PantheonClient, n: int, window: int) -> dict[str, A
     await asyncio.wait_for(done.wait(), timeout=600)
     elapsed = time.perf_counter() - start
     await sub.unsubscribe()
-    return {"tasks": n, "seconds": round(elapsed, 3), "submit_seconds": round(submitted_at - start, 3),
-            "tasks_per_s": round(n / elapsed)}  # fmt: skip
+    return {
+        "tasks": n,
+        "seconds": round(elapsed, 3),
+        "submit_seconds": round(submitted_at - start, 3),
+        "tasks_per_s": round(n / elapsed),
+    }
 
 
 async def events_per_task(url: str, root: str, tenant: str) -> tuple[float, int]:
@@ -170,8 +174,12 @@ async def latency(client: PantheonClient, n: int) -> dict[str, Any]:
         end = await asyncio.wait_for(finished[task_id], 30)
         samples.append((end - start) * 1000)
     await sub.unsubscribe()
-    return {"n": n, "p50_ms": round(percentile(samples, 50), 2), "p99_ms": round(percentile(samples, 99), 2),
-            "max_ms": round(max(samples), 2)}  # fmt: skip
+    return {
+        "n": n,
+        "p50_ms": round(percentile(samples, 50), 2),
+        "p99_ms": round(percentile(samples, 99), 2),
+        "max_ms": round(max(samples), 2),
+    }
 
 
 async def message_latency(client: PantheonClient, n: int) -> dict[str, Any]:
@@ -228,7 +236,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             }
             print(f"throughput: {args.tasks:,} no-op python tasks ...", file=sys.stderr)
             result["throughput"] = await throughput(client, args.tasks, args.window)
-            per_task, tasks = await events_per_task(node.url, "pantheon", "default")
+            per_task, _tasks = await events_per_task(node.url, "pantheon", "default")
             result["events_per_task"] = round(per_task, 2)
             print(f"latency: {args.latency} tasks one after another ...", file=sys.stderr)
             result["latency"] = await latency(client, args.latency)
@@ -252,14 +260,16 @@ def render(r: dict[str, Any]) -> str:
             f"machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}; "
             "pantheon up with 2 local worker processes",
             "",
-            f"  throughput        {t['tasks']:,} no-op tasks in {t['seconds']} s = {t['tasks_per_s']:,} tasks/s"
+            f"  throughput        {t['tasks']:,} no-op tasks in {t['seconds']} s = "
+            f"{t['tasks_per_s']:,} tasks/s"
             f"   (target >= 2,000; submits took {t['submit_seconds']} s)",
             f"  events per task   {r['events_per_task']}",
             f"  raw JetStream     {r['raw_append_per_s']:,} appends/s (same run)",
             f"  ratio             {r['ratio']}   (tasks/s x events/task / raw; target >= 0.3)",
             f"  single task       p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms over {lat['n']}"
             "   (target p50 < 3 ms, p99 < 6 ms)",
-            f"  message delivery  p50 {msg['p50_ms']} ms, p99 {msg['p99_ms']} ms over {msg['n']} messages",
+            f"  message delivery  p50 {msg['p50_ms']} ms, p99 {msg['p99_ms']} ms over {msg['n']} "
+            "messages",
         ]
     )
 

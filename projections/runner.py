@@ -1,0 +1,106 @@
+"""The read side as one unit: projector, query service and (optionally) the janitor.
+
+``pantheon up`` runs it in a process of its own (``pantheon projector``), so
+folding the log into SQLite and the KV bucket never delays a command; a node
+built in-process (tests, the demo) runs the same unit inside the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+
+from pantheon_es.client import PantheonClient
+from pantheon_es.retention import Janitor
+from pantheon_es.store import EventStore, StoreConfig
+from pantheon_es.subjects import Subjects
+from pantheon_es.tasks import ArchiveTask
+from projections.projector import Projector
+from projections.query import QueryService
+
+log = structlog.get_logger(__name__)
+
+
+class RemoteCommands:
+    """What the janitor needs of a command service, over NATS (for a read side of its own)."""
+
+    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+        self.nc = nc
+        self.subjects = subjects
+
+    async def execute(self, tenant: str, command: ArchiveTask) -> dict[str, Any]:
+        client = PantheonClient(self.nc, tenant=tenant, subjects=self.subjects, timeout=30)
+        return await client.archive_task(command.task_id, command.reason)
+
+
+class ReadSide:
+    """Projector + query service (+ janitor with a retention) on one connection."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        db_path: Path,
+        *,
+        batch_size: int = 2000,
+        retention: float | None = None,
+        commands: Any = None,
+    ) -> None:
+        self.store = store
+        self.projector = Projector(store, db_path, batch_size=batch_size)
+        self.query = QueryService(store.nc, store, self.projector)
+        self.retention = retention
+        self.commands = commands
+        self.janitor: Janitor | None = None
+
+    async def start(self) -> None:
+        await self.projector.open()
+        await self.query.start()
+        if self.retention is not None:
+            assert self.projector.db is not None
+            commands = self.commands or RemoteCommands(self.store.nc, self.store.subjects)
+            self.janitor = Janitor(commands, self.projector.db, self.retention)
+            self.projector.sinks.append(self.janitor.feed)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.projector.run(), name="projector")
+            group.create_task(self.query.run(), name="query-service")
+            if self.janitor is not None:
+                group.create_task(self.janitor.run(), name="janitor")
+
+    async def shutdown(self) -> None:
+        if self.janitor is not None:
+            self.janitor.shutdown()
+        await self.query.shutdown()
+        await self.projector.shutdown()
+
+
+async def run_read_side(
+    nats_url: str, root: str, data_dir: Path, retention: float | None, stop: asyncio.Event
+) -> None:
+    """The `pantheon projector` process: the read side until ``stop`` is set."""
+    nc = await nats.connect(
+        nats_url,
+        name="pantheon-projector",
+        pending_size=256 * 1024 * 1024,
+        max_reconnect_attempts=-1,
+    )
+    store = EventStore(nc, Subjects(root), StoreConfig())
+    await store.provision()
+    side = ReadSide(store, data_dir / "projections.db", retention=retention)
+    await side.start()
+    log.info("read side running", db=str(data_dir / "projections.db"))
+    runner = asyncio.create_task(side.run())
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    await side.shutdown()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner  # re-raises the first failure of the read side, if any
+    waiter.cancel()
+    await nc.drain()
