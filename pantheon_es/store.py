@@ -29,7 +29,14 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RePublish,
+    StorageType,
+    StreamConfig,
+)
 
 from pantheon_es import aggregates, ids
 from pantheon_es.errors import ConcurrencyError, InternalError, PantheonError, UnavailableError
@@ -130,6 +137,11 @@ class EventStore:
             discard=DiscardPolicy.OLD,
             allow_direct=True,
             allow_atomic=True,
+            # Committed-event notices: the server republishes each event once stored.
+            republish=RePublish(
+                src=self.subjects.events(None, "*"),  # <root>.ev.*.*.*
+                dest=self.subjects.changed_pattern,
+            ),
         )
 
     async def provision(self) -> None:
@@ -152,6 +164,8 @@ class EventStore:
             or not have.allow_atomic
             or not have.allow_direct
             or (have.num_replicas or 1) != wanted.num_replicas
+            or have.republish is None
+            or have.republish.dest != wanted.republish.dest  # type: ignore[union-attr]
         ):
             await self.js.update_stream(wanted)
             log.info("stream updated", stream=self.stream)
@@ -190,14 +204,12 @@ class EventStore:
                     last = await self._publish_one(subject, payloads[0], msg_ids[0], expected_seq)
                 else:
                     last = await self._publish_batch(subject, payloads, msg_ids, expected_seq)
-                await self._notify(first, payloads, last)
                 return AppendResult(last - len(payloads) + 1, last)
             except _WrongLastSequence as exc:
                 # Both answers can mean "an earlier attempt of this append was written".
                 landed = await self.landed_seq(subject, expected_seq, msg_ids)
                 if landed is not None:
                     # An earlier attempt of ours was written; its ack was lost.
-                    await self._notify(first, payloads, landed + len(msg_ids) - 1)
                     return AppendResult(landed, landed + len(msg_ids) - 1, already_written=True)
                 if isinstance(exc, _DuplicateInBatch):
                     raise InternalError(
@@ -222,14 +234,6 @@ class EventStore:
                     ) from exc
                 await asyncio.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
-
-    async def _notify(self, first: Event[Any], payloads: Sequence[bytes], last_seq: int) -> None:
-        """Core-NATS notice of each appended event, sent only after its ack."""
-        subject = self.subjects.changed(first.tenant, first.aggregate, first.aggregate_id)
-        seq = last_seq - len(payloads) + 1
-        for payload in payloads:
-            await self.nc.publish(subject, payload, headers={"Nats-Sequence": str(seq)})
-            seq += 1
 
     async def _publish_one(
         self, subject: str, payload: bytes, msg_id: str, expected_seq: int

@@ -9,7 +9,7 @@ Layout (root ``pantheon``)::
     pantheon.cmd.<tenant>.<aggregate>.<verb>    commands (core request/reply)
     pantheon.q.<tenant>.<model>.<verb>          read-model queries (request/reply)
     pantheon.ev.<tenant>.<aggregate>.<id>       events, stream PANTHEON_EVENTS
-    pantheon.changed.<tenant>.<aggregate>.<id>  committed-event notices (core, live only)
+    pantheon.changed.<tenant>.<aggregate>.<id>  committed-event notices (the stream republishes)
     pantheon.work.<tenant>.<worker_id>          work offers
     KV pantheon-state   key <tenant>.<model>.<id>
     KV pantheon-idem    key <tenant>.<digest>   idempotency claims
@@ -126,6 +126,11 @@ class Subjects:
         a = "*" if aggregate is None else aggregate
         i = "*" if aggregate_id is None else check_token("id", aggregate_id)
         return f"{self.root}.changed.{t}.{a}.{i}"
+
+    @property
+    def changed_pattern(self) -> str:
+        """Where the stream republishes each stored event: ``<root>.changed.<t>.<a>.<id>``."""
+        return f"{self.root}.changed.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}"
 
     # -- commands and queries ----------------------------------------------------
     def command(self, tenant: str, aggregate: str, verb: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from pantheon_es import ids
@@ -14,6 +15,7 @@ from pantheon_es.events import Event, EventData, make_event
 from pantheon_es.specs import Resources, ShellSpec
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.tasks import TaskCancelled, TaskSubmitted
+from tests.conftest import eventually
 
 
 def _event(data: EventData, task_id: str, tenant: str = "default") -> Event[Any]:
@@ -214,3 +216,35 @@ async def test_feed_keeps_memory_bounded_by_its_buffer(store: EventStore) -> Non
             await asyncio.sleep(0)
 
     assert seen == sorted(seen) and len(set(seen)) == 300
+
+
+async def test_stored_events_are_republished_as_notices_and_rejected_ones_are_not(
+    store: EventStore,
+) -> None:
+    task_id = ids.new_id()
+    notices: list[Any] = []
+    sub = await store.nc.subscribe(
+        store.subjects.changed("default", "task", task_id), cb=_collect(notices)
+    )
+    first = submitted(task_id)
+    r = await store.append([first], expected_seq=0)
+    with pytest.raises(ConcurrencyError):  # rejected: must not be announced
+        await store.append([cancelled(task_id)], expected_seq=0)
+    second = cancelled(task_id)
+    await store.append([second], expected_seq=r.last_seq)
+
+    async def both_arrived() -> bool:
+        return len(notices) >= 2
+
+    await eventually(both_arrived)
+    await asyncio.sleep(0.2)  # room for a wrong third one to show up
+    await sub.unsubscribe()
+    assert [orjson.loads(n.data)["event_id"] for n in notices] == [first.event_id, second.event_id]
+    assert [int(n.headers["Nats-Sequence"]) for n in notices] == [r.last_seq, r.last_seq + 1]
+
+
+def _collect(into: list[Any]) -> Any:
+    async def cb(msg: Any) -> None:
+        into.append(msg)
+
+    return cb
