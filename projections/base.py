@@ -180,6 +180,43 @@ def aggregate_row(table: Table) -> Loader:
     return load
 
 
+def page(items: list[Row], total: int, limit: int, offset: int) -> dict[str, Any]:
+    """A page of results with the pagination facts a UI needs."""
+    total_pages = max(1, -(-total // limit))
+    return {
+        "items": items,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "has_more": offset + len(items) < total,
+        "current_page": offset // limit + 1,
+        "total_pages": total_pages,
+    }
+
+
+async def paged(
+    db: aiosqlite.Connection,
+    table: Table,
+    cond: str,
+    params: list[Any],
+    *,
+    order: str,
+    limit: int,
+    offset: int,
+) -> dict[str, Any]:
+    """``page()`` of the rows of ``table`` matching ``cond``: a count, then one page."""
+    async with db.execute(f"SELECT count(*) FROM {table.name} WHERE {cond}", params) as cur:
+        row = await cur.fetchone()
+        total = int(row[0]) if row else 0
+    cols = ", ".join(table.columns)
+    async with db.execute(
+        f"SELECT {cols} FROM {table.name} WHERE {cond} ORDER BY {order} LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    ) as cur:
+        rows = [table.from_db(r) for r in await cur.fetchall()]
+    return page(rows, total, limit, offset)
+
+
 class ReadModel:
     """Base of every read model module's model class."""
 

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pantheon_es.events import EventRecord
 from pantheon_es.mailbox import RANK, MessagePriority, MessagesDelivered, MessageSent, MessagesRead
 from pantheon_es.tasks import TaskId
-from projections.base import Batch, Key, Queries, ReadModel, Table, handles
-from projections.tasks import page
+from projections.base import Batch, Key, Queries, ReadModel, Table, handles, paged
 
 MESSAGES = Table(
     name="messages",
@@ -131,17 +130,15 @@ async def list_messages(
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
-    cond = " AND ".join(where)
-    async with db.execute(f"SELECT count(*) FROM messages WHERE {cond}", params) as cur:
-        row = await cur.fetchone()
-        total = int(row[0]) if row else 0
-    cols = ", ".join(MESSAGES.columns)
-    async with db.execute(
-        f"SELECT {cols} FROM messages WHERE {cond} ORDER BY sent_seq LIMIT ? OFFSET ?",
-        [*params, query.limit, query.offset],
-    ) as cur:
-        rows = [MESSAGES.from_db(r) for r in await cur.fetchall()]
-    return page(rows, total, query.limit, query.offset)
+    return await paged(
+        db,
+        MESSAGES,
+        " AND ".join(where),
+        params,
+        order="sent_seq",
+        limit=query.limit,
+        offset=query.offset,
+    )
 
 
 QUERIES: Queries = {("mailbox", "list"): (ListMessages, list_messages)}

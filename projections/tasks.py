@@ -36,7 +36,17 @@ from pantheon_es.tasks import (
     TaskSubmitted,
     TaskTimedOut,
 )
-from projections.base import Batch, Key, Queries, ReadModel, Row, Table, aggregate_row, handles
+from projections.base import (
+    Batch,
+    Key,
+    Queries,
+    ReadModel,
+    Row,
+    Table,
+    aggregate_row,
+    handles,
+    paged,
+)
 
 MODEL = "task"
 LIVE = ("pending", "leased", "running")
@@ -372,20 +382,6 @@ class Monitor(_Query):
     limit: int = Field(100, ge=1, le=1000)
 
 
-def page(items: list[Row], total: int, limit: int, offset: int) -> dict[str, Any]:
-    """A page of results with the pagination facts a UI needs."""
-    total_pages = max(1, -(-total // limit))
-    return {
-        "items": items,
-        "total": total,
-        "limit": limit,
-        "offset": offset,
-        "has_more": offset + len(items) < total,
-        "current_page": offset // limit + 1,
-        "total_pages": total_pages,
-    }
-
-
 def _parse(ts: str | None) -> datetime | None:
     return datetime.fromisoformat(ts) if ts else None
 
@@ -448,18 +444,12 @@ def _where(tenant: str, query: ListTasks) -> tuple[str, list[Any]]:
 
 async def list_tasks(db: aiosqlite.Connection, tenant: str, query: ListTasks) -> dict[str, Any]:
     cond, params = _where(tenant, query)
-    async with db.execute(f"SELECT count(*) FROM tasks WHERE {cond}", params) as cur:
-        row = await cur.fetchone()
-        total = int(row[0]) if row else 0
-    order = "DESC" if query.order == "newest" else "ASC"
-    cols = ", ".join(TASKS.columns)
+    order = "id DESC" if query.order == "newest" else "id ASC"
+    result = await paged(
+        db, TASKS, cond, params, order=order, limit=query.limit, offset=query.offset
+    )
     now = datetime.now(UTC)
-    async with db.execute(
-        f"SELECT {cols} FROM tasks WHERE {cond} ORDER BY id {order} LIMIT ? OFFSET ?",
-        [*params, query.limit, query.offset],
-    ) as cur:
-        rows = [with_derived(TASKS.from_db(r), now) for r in await cur.fetchall()]
-    result = page(rows, total, query.limit, query.offset)
+    result["items"] = [with_derived(row, now) for row in result["items"]]
     result["summary"] = await _activity_summary(db, cond, params, now)
     return result
 

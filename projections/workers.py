@@ -19,8 +19,16 @@ from pantheon_es.workers import (
     WorkerRenewed,
     WorkerStopped,
 )
-from projections.base import Batch, Queries, ReadModel, Row, Table, aggregate_row, handles
-from projections.tasks import page
+from projections.base import (
+    Batch,
+    Queries,
+    ReadModel,
+    Row,
+    Table,
+    aggregate_row,
+    handles,
+    paged,
+)
 
 MODEL = "worker"
 
@@ -156,17 +164,15 @@ async def list_workers(db: aiosqlite.Connection, tenant: str, query: ListWorkers
     if query.status:
         where.append(f"status IN ({', '.join('?' for _ in query.status)})")
         params += list(query.status)
-    cond = " AND ".join(where)
-    async with db.execute(f"SELECT count(*) FROM workers WHERE {cond}", params) as cur:
-        row = await cur.fetchone()
-        total = int(row[0]) if row else 0
-    cols = ", ".join(WORKERS.columns)
-    async with db.execute(
-        f"SELECT {cols} FROM workers WHERE {cond} ORDER BY id LIMIT ? OFFSET ?",
-        [*params, query.limit, query.offset],
-    ) as cur:
-        rows = [WORKERS.from_db(r) for r in await cur.fetchall()]
-    return page(rows, total, query.limit, query.offset)
+    return await paged(
+        db,
+        WORKERS,
+        " AND ".join(where),
+        params,
+        order="id",
+        limit=query.limit,
+        offset=query.offset,
+    )
 
 
 QUERIES: Queries = {(MODEL, "list"): (ListWorkers, list_workers)}
