@@ -685,26 +685,32 @@ class _DaemonThreads:
     """
 
     def __init__(self) -> None:
-        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any], None]]] = (
+            queue.SimpleQueue()
+        )
         self._idle = 0
         self._lock = threading.Lock()
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run ``work`` on a thread, then ``done(its return value)`` on the same thread."""
         with self._lock:
             if self._idle > 0:
                 self._idle -= 1
                 start = False
             else:
                 start = True
-        self._work.put(job)
+        self._work.put((work, done))
         if start:
             threading.Thread(target=self._serve, name="pantheon-task", daemon=True).start()
 
     def _serve(self) -> None:
         while True:
-            self._work.get()()
+            work, done = self._work.get()
+            outcome = work()
+            # Idle before telling the caller: its next call then finds this thread.
             with self._lock:
                 self._idle += 1
+            done(outcome)
 
 
 _THREADS = _DaemonThreads()
@@ -724,16 +730,18 @@ async def _in_daemon_thread(func: Callable[[], T], name: str) -> T:
         else:
             result.set_result(value)  # type: ignore[arg-type]
 
-    def main() -> None:
+    def work() -> tuple[Any, BaseException | None]:
         threading.current_thread().name = name  # a pooled thread carries its task's name
         try:
-            value, error = context.run(func), None
+            return context.run(func), None
         except BaseException as exc:  # handed to the awaiting task, which decides
-            value, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(settle, value, error)
+            return None, exc
 
-    _THREADS.submit(main)
+    def done(outcome: tuple[Any, BaseException | None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    _THREADS.submit(work, done)
     return await result
 
 
