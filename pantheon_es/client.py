@@ -9,16 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 import nats.errors
 import orjson
+import structlog
 from nats.aio.client import Client as NATS
 
+from pantheon_es import ids
 from pantheon_es.errors import PantheonError, UnavailableError, error_from_reply
 from pantheon_es.subjects import Subjects
+
+log = structlog.get_logger(__name__)
 
 DISCOVERY_FILE = "pantheon.json"
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
@@ -65,12 +70,20 @@ class PantheonClient:
         subjects: Subjects | None = None,
         timeout: float = 10.0,
         actor: str | None = None,
+        retry_for: float = 0.0,
+        on_retry: Callable[[PantheonError], None] | None = None,
     ) -> None:
+        """``retry_for`` > 0: retry retryable errors (unavailable, in flight, overloaded)
+        for up to that many seconds; each command then carries one idempotency key
+        across its tries, so a retry after a lost reply never acts twice. ``on_retry``
+        hears of each retried error (default: a structlog warning)."""
         self.nc = nc
         self.tenant = tenant
         self.subjects = subjects or Subjects()
         self.timeout = timeout
         self.actor = actor
+        self.retry_for = retry_for
+        self.on_retry = on_retry
 
     @classmethod
     async def connect(
@@ -109,12 +122,35 @@ class PantheonClient:
     async def command(self, aggregate: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         if self.actor and "actor" not in body:
             body = {**body, "actor": self.actor}
-        return await self.request(self.subjects.command(self.tenant, aggregate, verb), body)
+        if self.retry_for > 0 and "idempotency_key" not in body:
+            body = {**body, "idempotency_key": ids.new_id()}  # the same for every try
+        subject = self.subjects.command(self.tenant, aggregate, verb)
+        return await self._retrying(subject, body)
 
     async def query(
         self, model: str, verb: str, body: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        return await self.request(self.subjects.query(self.tenant, model, verb), body or {})
+        return await self._retrying(self.subjects.query(self.tenant, model, verb), body or {})
+
+    async def _retrying(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``request``, tried again on retryable errors for up to ``retry_for`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for
+        backoff = 0.1
+        while True:
+            try:
+                return await self.request(subject, body)
+            except PantheonError as exc:
+                delay = exc.retry_after if exc.retry_after is not None else backoff
+                retryable = exc.retryable or exc.retry_after is not None
+                if not retryable or loop.time() + delay > deadline:
+                    raise
+                if self.on_retry is not None:
+                    self.on_retry(exc)
+                else:
+                    log.warning("retrying", subject=subject, code=exc.code.value, error=exc.message)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, 2.0)
 
     # -- tasks ------------------------------------------------------------------------------------
     async def submit_task(

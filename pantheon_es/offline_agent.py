@@ -49,25 +49,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import orjson
 
-from pantheon_es import ids
 from pantheon_es.client import PantheonClient
 from pantheon_es.errors import PantheonError
 from pantheon_es.executors import RESULT_MARKER
 from pantheon_es.mailbox import MessagePriority, MessageType
-
-T = TypeVar("T")
 
 #: ``/send @delegates ...`` sends to each of the agent's delegates.
 DELEGATES: Final = "@delegates"
@@ -385,33 +381,16 @@ class OfflineAgent:
     async def _connected(self) -> PantheonClient:
         if self._client is None:
             url = _required(self.identity.nats_url, "PANTHEON_NATS_URL", "talking to Pantheon")
+            # The client retries retryable errors with one idempotency key per command,
+            # so a service restart neither fails the agent nor sends a message twice.
             self._client = await PantheonClient.connect(
-                url, tenant=self.identity.tenant, root=self.identity.namespace
+                url,
+                tenant=self.identity.tenant,
+                root=self.identity.namespace,
+                retry_for=self.retry_for,
+                on_retry=_say_retrying,
             )
         return self._client
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """``attempt()``, tried again on retryable errors for up to ``retry_for`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_for
-        backoff = 0.1
-        while True:
-            try:
-                return await attempt()
-            except PantheonError as exc:
-                delay = exc.retry_after if exc.retry_after is not None else backoff
-                retryable = exc.retryable or exc.retry_after is not None
-                if not retryable or loop.time() + delay > deadline:
-                    raise
-                print(f"offline agent: {exc.code.value}: {exc.message}; retrying", file=sys.stderr)
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, 2.0)
-
-    async def _command(self, aggregate: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A command with an idempotency key: every try of it is the same request."""
-        client = await self._connected()
-        keyed = {**body, "idempotency_key": ids.new_id()}
-        return await self._retrying(lambda: client.command(aggregate, verb, keyed))
 
     async def _progress(self, fraction: float | None, message: str, state: str = "active") -> None:
         purpose = "reporting progress"
@@ -421,54 +400,22 @@ class OfflineAgent:
         if token is None:
             raise AgentFailure(f"PANTHEON_FENCING_TOKEN is not set: {purpose} needs it")
         client = await self._connected()
-        # No idempotency key: a progress report that lands twice changes nothing.
-        await self._retrying(
-            lambda: client.report_progress(
-                task_id, lease_id, token, progress=fraction, message=message, state=state
-            )
+        await client.report_progress(
+            task_id, lease_id, token, progress=fraction, message=message, state=state
         )
 
     async def _send(self, to: str, text: str, priority: str, type_: str) -> None:
-        # client.send_message takes no idempotency key, hence the plain command.
-        body: dict[str, Any] = {"to": to, "body": text, "priority": priority, "type": type_}
-        if self.identity.task_id is not None:
-            body["sender"] = self.identity.task_id
-        reply = await self._command("mailbox", "send", body)
+        client = await self._connected()
+        reply = await client.send_message(
+            to, text, priority=priority, type=type_, sender=self.identity.task_id
+        )
         self.sent.append(str(reply["message_id"]))
 
     async def _receive(self, limit: int, wait: float | None) -> list[dict[str, Any]]:
-        """Take up to ``limit`` messages, waiting up to ``wait`` seconds for the first.
-
-        As ``PantheonClient.receive_messages``, but each take carries an
-        idempotency key (which that method cannot): with ``ack`` a lost reply
-        would otherwise lose the messages it took.
-        """
+        """Take up to ``limit`` messages (read on receipt), waiting up to ``wait`` seconds."""
         agent_id = _required(self.identity.task_id, "PANTHEON_TASK_ID", "reading messages")
         client = await self._connected()
-        arrived = asyncio.Event()
-
-        async def on_notice(msg: Any) -> None:
-            arrived.set()
-
-        subject = client.subjects.changed(client.tenant, "mailbox", agent_id)
-        sub = await client.nc.subscribe(subject, cb=on_notice) if wait else None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (wait or 0)
-        try:
-            while True:
-                arrived.clear()
-                reply = await self._command(
-                    "mailbox", "receive", {"agent_id": agent_id, "max": limit, "ack": True}
-                )
-                messages: list[dict[str, Any]] = reply["messages"]
-                remaining = deadline - loop.time()
-                if messages or not wait or remaining <= 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), remaining)
-        finally:
-            if sub is not None:
-                await sub.unsubscribe()
+        messages = await client.receive_messages(agent_id, max=limit, ack=True, wait=wait)
         for message in messages:
             _emit(MESSAGE_MARKER, message)
         self.received.extend(messages)
@@ -487,6 +434,10 @@ class OfflineAgent:
         if got < count:
             raise AgentFailure(f"received {got} of {count} message(s) within {timeout:g}s")
         await self._progress(None, f"received {count} message(s)", "active")
+
+
+def _say_retrying(exc: PantheonError) -> None:
+    print(f"offline agent: {exc.code.value}: {exc.message}; retrying", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
