@@ -165,8 +165,16 @@ class PantheonClient:
         task_id: str | None = None,
         inactivity_timeout: float | None = None,
         max_attempts: int | None = None,
+        options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": name, "executor": executor, "priority": priority}
+        """Submit a task. ``options``: scheduling options (SchedulingOptions fields:
+        fairness_key, concurrency_key, concurrency_limit, retry, *_timeout)."""
+        body: dict[str, Any] = {
+            **(options or {}),
+            "name": name,
+            "executor": executor,
+            "priority": priority,
+        }
         _put(
             body,
             resources=resources,
@@ -192,8 +200,9 @@ class PantheonClient:
         agent_id: str | None = None,
         inactivity_timeout: float | None = None,
         idempotency_key: str | None = None,
+        options: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"prompt": prompt, "priority": priority}
+        body: dict[str, Any] = {**(options or {}), "prompt": prompt, "priority": priority}
         _put(
             body,
             files=files,
@@ -207,6 +216,42 @@ class PantheonClient:
             idempotency_key=idempotency_key,
         )
         return await self.command("task", "spawn", body)
+
+    async def redrive_task(self, task_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Run a failed or timed-out task again (the dead-letter queue's re-drive)."""
+        body: dict[str, Any] = {"task_id": task_id}
+        _put(body, reason=reason)
+        return await self.command("task", "redrive", body)
+
+    async def why(self, task_id: str, *, timeout: float = 2.0) -> dict[str, Any]:
+        """Why a task is where it is: its read-model state plus the scheduler's live view.
+
+        ``scheduler`` is ``None`` when no scheduler answered within ``timeout``.
+        """
+        task = await self.get_task(task_id)
+        live: dict[str, Any] | None
+        try:
+            msg = await self.nc.request(
+                self.subjects.scheduler(self.tenant, "why"),
+                orjson.dumps({"task_id": task_id}),
+                timeout=timeout,
+            )
+            reply = orjson.loads(msg.data)
+            live = reply.get("result") if reply.get("ok") else None
+        except (TimeoutError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            live = None
+        return {
+            "task_id": task_id,
+            "status": task["status"],
+            "priority": task["priority"],
+            "blocked_reason": task.get("blocked_reason"),
+            "blocked_details": task.get("blocked_details"),
+            "not_before": task.get("not_before"),
+            "pending_since": task.get("pending_since"),
+            "attempt": task["attempt"],
+            "error": task.get("error"),
+            "scheduler": live,
+        }
 
     async def wait_for_task(
         self, task_id: str, *, timeout: float = 60.0, statuses: frozenset[str] = TERMINAL_STATUSES

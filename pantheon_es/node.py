@@ -24,16 +24,18 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nats
 import orjson
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from pantheon_es.client import DISCOVERY_FILE, PantheonClient
 from pantheon_es.embedded import EmbeddedNats
-from pantheon_es.errors import PantheonError, UnavailableError
+from pantheon_es.endpoint import parse_body, respond
+from pantheon_es.errors import InvalidError, PantheonError, UnavailableError
 from pantheon_es.events import decode_record
 from pantheon_es.pool import Supervisor, read_side_child, worker_children
 from pantheon_es.scheduler import Scheduler, SchedulerConfig
@@ -97,6 +99,7 @@ class Node:
         self.children: Supervisor | None = None
         self.nats_url = config.nats_url or ""
         self._feed: EventFeed | None = None  # the scheduler's own, with a read side elsewhere
+        self._why_sub: Any = None
         self._stop = asyncio.Event()
         self._started = False
 
@@ -146,6 +149,10 @@ class Node:
         self.service = CommandService(self.nc, self.store, cfg.service)
         await self.service.start()
         self.scheduler = Scheduler(self.nc, self.service, self.subjects, cfg.scheduler)
+        self.service.admission = self.scheduler.admit
+        self._why_sub = await self.nc.subscribe(
+            self.subjects.all_scheduler, queue="pantheon-scheduler", cb=self._on_why
+        )
         self.children = Supervisor(cfg.data_dir / "logs")
         if cfg.read_side == "inline":
             # The scheduler starts from the read models at the projector's checkpoint and then
@@ -236,6 +243,20 @@ class Node:
         tmp = self.discovery_path.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
         tmp.replace(self.discovery_path)
+
+    async def _on_why(self, msg: Msg) -> None:
+        """``<root>.sched.<tenant>.why``: the scheduler's live view of one task."""
+
+        async def answer() -> dict[str, Any]:
+            assert self.scheduler is not None
+            tenant = msg.subject.split(".")[-2]
+            body = parse_body(msg.data, 4096)
+            task_id = body.get("task_id")
+            if not isinstance(task_id, str) or not task_id:
+                raise InvalidError("task_id (a string) is required")
+            return self.scheduler.why(tenant, task_id)
+
+        await respond(msg, answer())
 
     def request_stop(self) -> None:
         self._stop.set()

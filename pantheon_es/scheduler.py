@@ -13,9 +13,12 @@ is a command decided by the aggregate's pure ``decide`` and appended with the
 task's expected last sequence (``CommandService.execute(known=...)``): a view
 that is out of date costs one reload, never a wrong write.
 
-Placement here is first come, first served within free capacity (slots,
-cpu, memory, gpu, custom resources), spreading onto the least loaded worker.
-The scheduling issue grows priorities, fairness and reservations on it.
+Which task runs next and where is :mod:`pantheon_es.placement` (pure):
+priority with aging, fair share, limits, best-fit placement with a
+reservation for the front job. This module turns its outcome into decisions
+(``GrantLease``, ``BlockTask``) and keeps the timers: lease expiry,
+inactivity, worker liveness, retry ``not_before``, schedule-to-start and
+start-to-close deadlines.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-from collections import OrderedDict
-from collections.abc import Iterable
+import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,17 +38,21 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
-from pantheon_es.errors import PantheonError
+from pantheon_es.errors import OverloadedError, PantheonError
 from pantheon_es.events import REGISTRY, Event, EventRecord
+from pantheon_es.placement import Amount, Job, Placement, Policy
 from pantheon_es.service import CommandService
-from pantheon_es.specs import Resources
+from pantheon_es.specs import Resources, SchedulingOptions
 from pantheon_es.subjects import Subjects
 from pantheon_es.tasks import (
     LIVE,
     TASK,
+    BlockTask,
     ExpireLease,
     GrantLease,
     Lease,
+    SpawnAgent,
+    SubmitTask,
     TaskState,
     TaskStatus,
     TimeOutTask,
@@ -64,6 +71,7 @@ class SchedulerConfig:
     inactivity_timeout: float = 1800.0
     #: Lease decisions in flight at once.
     max_inflight: int = 256
+    policy: Policy = field(default_factory=Policy)
 
 
 @dataclass(slots=True)
@@ -71,11 +79,13 @@ class LiveTask:
     tenant: str
     state: TaskState
     seq: int  # last stream sequence of the task's own subject
-    order: int  # first come, first served
     spec: dict[str, Any]  # name, executor, labels: what an offer carries
     last_activity: datetime  # messages included
-    reserved_on: str | None = None  # worker whose capacity we hold for this task
     granting: bool = False
+
+    @property
+    def key(self) -> Key:
+        return (self.tenant, self.state.task_id)
 
 
 @dataclass(slots=True)
@@ -83,58 +93,10 @@ class LiveWorker:
     tenant: str
     state: WorkerState
     seq: int
-    free: Resources
-    free_slots: int
-    holds: set[str] = field(default_factory=set)  # task ids whose resources we hold
 
     @property
     def accepting(self) -> bool:
         return self.state.status == WorkerStatus.ACTIVE
-
-
-def fits(request: Resources, free: Resources, free_slots: int) -> bool:
-    """Would ``request`` fit in what a worker has left?"""
-    if free_slots < 1 or request.cpu > free.cpu + 1e-9 or request.memory_mb > free.memory_mb:
-        return False
-    if request.gpu > free.gpu:
-        return False
-    return all(
-        free.custom.get(name, 0.0) + 1e-9 >= amount for name, amount in request.custom.items()
-    )
-
-
-def _take(free: Resources, request: Resources, sign: int) -> Resources:
-    custom = dict(free.custom)
-    for name, amount in request.custom.items():
-        custom[name] = custom.get(name, 0.0) - sign * amount
-    return Resources(
-        cpu=max(0.0, free.cpu - sign * request.cpu),
-        memory_mb=max(0, free.memory_mb - sign * request.memory_mb),
-        gpu=max(0, free.gpu - sign * request.gpu),
-        custom=custom,
-    )
-
-
-def capacity_as_resources(capacity: Capacity) -> Resources:
-    return Resources(
-        cpu=capacity.cpu,
-        memory_mb=capacity.memory_mb,
-        gpu=capacity.gpu,
-        custom=dict(capacity.custom),
-    )
-
-
-def choose_worker(request: Resources, workers: Iterable[LiveWorker]) -> LiveWorker | None:
-    """The accepting worker with the most free slots that fits ``request``."""
-    best: LiveWorker | None = None
-    for worker in workers:
-        if (
-            worker.accepting
-            and fits(request, worker.free, worker.free_slots)
-            and (best is None or worker.free_slots > best.free_slots)
-        ):
-            best = worker
-    return best
 
 
 _FINISHING = frozenset({"TaskCompleted", "TaskFailed", "TaskCancelled", "TaskTimedOut"})
@@ -155,11 +117,38 @@ def _submitted_state(record: EventRecord) -> TaskState:
         last_activity_at=at,
         inactivity_timeout=d.get("inactivity_timeout"),
         max_attempts=d.get("max_attempts", 3),
+        options=_options(d),
+        pending_since=at,
     )
+
+
+_DEFAULT_OPTIONS = SchedulingOptions()
+
+
+def _options(data: dict[str, Any]) -> SchedulingOptions:
+    found = {k: data[k] for k in SchedulingOptions.model_fields if data.get(k) is not None}
+    return SchedulingOptions.model_validate(found) if found else _DEFAULT_OPTIONS
 
 
 def _ts(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
+
+
+def to_job(task: LiveTask) -> Job:
+    """What the placement policy needs to know of a pending task."""
+    state = task.state
+    options = state.options
+    since = state.pending_since or state.submitted_at
+    return Job(
+        task.key,
+        state.priority,
+        since.timestamp(),
+        Amount.of(state.resources),
+        agent=state.executor_kind == "agent",
+        fairness_key=options.fairness_key or "",
+        concurrency_key=options.concurrency_key,
+        concurrency_limit=options.concurrency_limit,
+    )
 
 
 class Scheduler:
@@ -176,20 +165,23 @@ class Scheduler:
         self.service = service
         self.subjects = subjects
         self.config = config or SchedulerConfig()
+        self.placement = Placement(self.config.policy)
         self.tasks: dict[Key, LiveTask] = {}
-        self.pending: dict[str, OrderedDict[str, None]] = {}
         self.workers: dict[Key, LiveWorker] = {}
         self.position = 0
         self._ready_at = 0  # act only once the log is read up to here
         self._heap: list[tuple[datetime, int, str, Key, str]] = []
         self._tick = itertools.count()
-        self._order = itertools.count()
         self._queue: list[EventRecord] = []
         self._wake = asyncio.Event()
         self._place_needed = True
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
         self._slots = asyncio.Semaphore(self.config.max_inflight)
         self._stopping = False
+        #: tenant -> ids of its pending tasks (placeable, parked or waiting for a retry)
+        self._pending: dict[str, set[str]] = {}
+        #: tenant -> monotonic times of recent lease grants (for retry_after estimates)
+        self._grants: dict[str, deque[float]] = {}
 
     # -- start-up ------------------------------------------------------------------------------
     def bootstrap(self, db: Any, position: int, head: int) -> None:
@@ -208,13 +200,33 @@ class Scheduler:
             "SELECT tenant, id, status, name, priority, resources, executor_kind, executor, "
             "labels, submitted_at, last_activity_at, inactivity_timeout, max_attempts, attempt, "
             "lease_id, worker_id, fencing_token, lease_expires_at, lease_ttl, started_at, version, "
-            "task_seq "
+            "task_seq, options, pending_since, blocked_reason, not_before, attempts_base "
             f"FROM tasks WHERE status IN ({live}) ORDER BY id"
         ).fetchall()
+        workers = db.execute(
+            "SELECT tenant, id, incarnation, status, capacity, slots, labels, ttl, expires_at, "
+            "registered_at, last_seq FROM workers WHERE status IN ('active', 'draining')"
+        ).fetchall()
+        for r in workers:
+            (tenant, worker_id, incarnation, status, capacity, slots, labels, ttl, expires,
+             registered, seq) = r  # fmt: skip
+            wstate = WorkerState(
+                worker_id=worker_id,
+                incarnation=incarnation,
+                status=WorkerStatus(status),
+                capacity=Capacity.model_validate_json(capacity),
+                slots=slots,
+                labels=orjson.loads(labels),
+                ttl=ttl,
+                expires_at=datetime.fromisoformat(expires),
+                registered_at=datetime.fromisoformat(registered),
+            )
+            self._add_worker(tenant, wstate, seq)
         for r in rows:
             (tenant, task_id, status, name, priority, resources, kind, executor, labels, submitted,
              last_activity, timeout, max_attempts, attempt, lease_id, worker_id, token, expires,
-             ttl, started, version, task_seq) = r  # fmt: skip
+             ttl, started, version, task_seq, options, pending_since, blocked, not_before,
+             attempts_base) = r  # fmt: skip
             lease = None
             if lease_id:
                 lease = Lease(
@@ -235,6 +247,11 @@ class Scheduler:
                 lease=lease,
                 started_at=_ts(started),
                 version=version,
+                options=_options(orjson.loads(options)),
+                pending_since=_ts(pending_since),
+                blocked=blocked,
+                not_before=_ts(not_before),
+                attempts_base=attempts_base,
             )
             spec = {
                 "name": name,
@@ -242,39 +259,6 @@ class Scheduler:
                 "labels": orjson.loads(labels),
             }
             self._add_task(tenant, state, task_seq, spec)
-        for r in db.execute(
-            "SELECT tenant, id, incarnation, status, capacity, slots, labels, ttl, expires_at, "
-            "registered_at, last_seq FROM workers WHERE status IN ('active', 'draining')"
-        ).fetchall():
-            (
-                tenant,
-                worker_id,
-                incarnation,
-                status,
-                capacity,
-                slots,
-                labels,
-                ttl,
-                expires,
-                registered,
-                seq,
-            ) = r
-            wstate = WorkerState(
-                worker_id=worker_id,
-                incarnation=incarnation,
-                status=WorkerStatus(status),
-                capacity=Capacity.model_validate_json(capacity),
-                slots=slots,
-                labels=orjson.loads(labels),
-                ttl=ttl,
-                expires_at=datetime.fromisoformat(expires),
-                registered_at=datetime.fromisoformat(registered),
-            )
-            self._add_worker(tenant, wstate, seq)
-        for task in self.tasks.values():  # capacity the live leases hold
-            lease = task.state.lease
-            if lease is not None:
-                self._reserve(task, (task.tenant, lease.worker_id))
         log.info(
             "scheduler bootstrapped",
             tasks=len(self.tasks),
@@ -293,6 +277,51 @@ class Scheduler:
     def ready(self) -> bool:
         return self.position >= self._ready_at
 
+    def admit(self, tenant: str, command: Any) -> None:
+        """Backpressure: refuse a new task past its tenant's pending bound (``overloaded``).
+
+        The bound can be passed by the submits in flight at that moment (at most the
+        command service's concurrency), never by more.
+        """
+        if not isinstance(command, (SubmitTask, SpawnAgent)):
+            return
+        bound = self.config.policy.quota(tenant).max_pending
+        if bound is None:
+            return
+        pending = len(self._pending.get(tenant, ()))
+        if pending < bound:
+            return
+        raise OverloadedError(
+            f"tenant {tenant} has {pending} pending tasks (bound {bound}); retry later",
+            details={"tenant": tenant, "pending": pending, "max_pending": bound},
+            retry_after=self._retry_after(tenant, pending - bound + 1),
+        )
+
+    def _retry_after(self, tenant: str, excess: int) -> float:
+        """Seconds until ``excess`` tasks have left pending at the recent placement rate."""
+        grants = self._grants.get(tenant)
+        now = time.monotonic()
+        if grants:
+            while grants and grants[0] < now - 30:
+                grants.popleft()
+        if not grants or len(grants) < 2:
+            return 1.0
+        rate = len(grants) / max(now - grants[0], 1e-3)
+        return round(min(max(excess / rate, 0.05), 60.0), 3)
+
+    def why(self, tenant: str, task_id: str) -> dict[str, Any]:
+        """The scheduler's live view of one task: placement state, reason, timers."""
+        task = self.tasks.get((tenant, task_id))
+        if task is None:
+            return {"live": False}
+        out: dict[str, Any] = {"live": True, "status": task.state.status.value}
+        out.update(self.placement.why(task.key, time.time()))
+        if task.state.not_before is not None and task.state.status == TaskStatus.PENDING:
+            out["not_before"] = task.state.not_before.isoformat()
+        if not any(w.accepting for w in self.workers.values() if w.tenant == tenant):
+            out["workers"] = 0
+        return out
+
     # -- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:
         """React to events and deadlines until :meth:`shutdown`."""
@@ -310,10 +339,10 @@ class Scheduler:
             for record in records:
                 self._apply(record)
             if self.ready:
-                await self._fire_due()
+                self._fire_due()
                 if self._place_needed:
                     self._place_needed = False
-                    await self._place()
+                    self._place()
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -354,8 +383,12 @@ class Scheduler:
                 spec = {"name": d["name"], "executor": d["executor"], "labels": d["labels"]}
                 self._add_task(record.tenant, _submitted_state(record), record.seq, spec)
             return
-        if task is None or record.seq <= task.seq:
-            return  # finished (not live), or a decision of ours already applied
+        if task is None:
+            if record.type == "TaskRedriven":  # back from the dead-letter queue
+                self._spawn(self._adopt(record.tenant, record.aggregate_id))
+            return  # finished (not live)
+        if record.seq <= task.seq:
+            return  # a decision of ours already applied
         if record.type in _FINISHING:
             # No need to fold it: the task leaves the live set. Stop it on its worker if
             # it was cancelled or timed out while it ran.
@@ -363,9 +396,7 @@ class Scheduler:
             if lease is not None and record.type in ("TaskCancelled", "TaskTimedOut"):
                 reason = "cancelled" if record.type == "TaskCancelled" else "timed_out"
                 self._stop_on_worker(task, lease, reason)
-            self._release(task)
-            self._dequeue(task)
-            del self.tasks[key]
+            self._forget(task)
             return
         old = task.state
         task.state = TASK.evolve(old, self._typed(record))
@@ -376,22 +407,24 @@ class Scheduler:
             and new.last_activity_at > task.last_activity
         ):
             task.last_activity = new.last_activity_at
-        if new.status in LIVE:
-            self._track(task)
-            if new.status == TaskStatus.PENDING and old.status != TaskStatus.PENDING:
-                self._release(task)
-                self._enqueue(task)
-            elif new.lease is not None and task.reserved_on != new.lease.worker_id:
-                self._release(task)  # leased by someone else's decision: hold that worker instead
-                self._dequeue(task)
-                self._reserve(task, (task.tenant, new.lease.worker_id))
-            return
-        # Finished: stop it on its worker if it was still out there, then forget it.
-        if old.lease is not None and new.status in (TaskStatus.CANCELLED, TaskStatus.TIMED_OUT):
-            self._stop_on_worker(task, old.lease, new.status.value)
-        self._release(task)
-        self._dequeue(task)
-        del self.tasks[key]
+        if (
+            record.type == "RetryScheduled"
+            and old.lease is not None
+            and record.data.get("error", {}).get("type") == "StartToCloseTimeout"
+        ):
+            self._stop_on_worker(task, old.lease, "start_to_close timeout")
+        if new.status == TaskStatus.PENDING:
+            if old.status != TaskStatus.PENDING:
+                self._make_pending(task)
+            elif record.type == "TaskBlocked":
+                job = self.placement.jobs.get(key)
+                if job is not None:
+                    job.reason = new.blocked
+        elif new.lease is not None and key not in self.placement.running:
+            # leased by a decision we did not make (another scheduler): hold its worker
+            self._set_pending(task, False)
+            self.placement.assign(to_job(task), (task.tenant, new.lease.worker_id))
+        self._track(task)
 
     def _apply_worker(self, record: EventRecord) -> None:
         key = (record.tenant, record.aggregate_id)
@@ -401,7 +434,6 @@ class Scheduler:
             if worker is not None and worker.state.incarnation != state.incarnation:
                 self._orphan_leases(key, "worker lost")  # the old process is gone
             self._add_worker(record.tenant, state, record.seq)
-            self._place_needed = True
             return
         if worker is None or record.seq <= worker.seq:
             return
@@ -412,67 +444,88 @@ class Scheduler:
                 "worker stopped" if worker.state.status == WorkerStatus.STOPPED else "worker lost"
             )
             self._orphan_leases(key, reason)
+            self.placement.remove_worker(key)
             del self.workers[key]
         else:
+            self.placement.set_accepting(key, worker.accepting)
             self._push(worker.state.expires_at, "worker", key, worker.state.incarnation)
 
     def _add_task(self, tenant: str, state: TaskState, seq: int, spec: dict[str, Any]) -> None:
-        task = LiveTask(tenant, state, seq, next(self._order), spec, state.last_activity_at)
-        self.tasks[(tenant, state.task_id)] = task
+        task = LiveTask(tenant, state, seq, spec, state.last_activity_at)
+        self.tasks[task.key] = task
         if state.status == TaskStatus.PENDING:
-            self._enqueue(task)
+            self._make_pending(task)
+            job = self.placement.jobs.get(task.key)
+            if job is not None:
+                job.reason = state.blocked  # already recorded: not told again
+        elif state.lease is not None:
+            self.placement.assign(to_job(task), (tenant, state.lease.worker_id))
         self._track(task)
+
+    async def _adopt(self, tenant: str, task_id: str) -> None:
+        """Load a task that came back to life (redriven) into the live set."""
+        store = self.service.store
+        history = await store.read_aggregate(tenant, "task", task_id)
+        if not history or (tenant, task_id) in self.tasks:
+            return
+        state = TASK.fold([h.event for h in history])
+        if state is None or state.status not in LIVE:
+            return
+        first = history[0].event.data
+        spec = {
+            "name": first.name,
+            "executor": first.executor.model_dump(mode="json"),
+            "labels": dict(first.labels),
+        }
+        self._add_task(tenant, state, history[-1].seq, spec)
+        self._wake.set()
+
+    def _make_pending(self, task: LiveTask) -> None:
+        """The task is pending: placeable now, or once its retry is due."""
+        self._set_pending(task, True)
+        self.placement.remove(task.key)  # frees what an ended lease held
+        not_before = task.state.not_before
+        if not_before is not None and not_before > datetime.now(UTC):
+            self._push(not_before, "retry", task.key, not_before.isoformat())
+            return
+        self.placement.add(to_job(task))
+        self._place_needed = True
+        self._wake.set()
+
+    def _set_pending(self, task: LiveTask, pending: bool) -> None:
+        ids_ = self._pending.setdefault(task.tenant, set())
+        if pending:
+            ids_.add(task.state.task_id)
+        else:
+            ids_.discard(task.state.task_id)
+            if not ids_:
+                del self._pending[task.tenant]
+
+    def _forget(self, task: LiveTask) -> None:
+        self._set_pending(task, False)
+        self.placement.remove(task.key)
+        del self.tasks[task.key]
+        self._place_needed = True
+        self._wake.set()
 
     def _add_worker(self, tenant: str, state: WorkerState, seq: int) -> None:
         key = (tenant, state.worker_id)
-        old = self.workers.get(key)
-        worker = LiveWorker(tenant, state, seq, capacity_as_resources(state.capacity), state.slots)
-        self.workers[key] = worker
-        if old is not None and old.state.incarnation == state.incarnation:
-            for task_id in old.holds:  # same process re-registered: keep what it holds
-                task = self.tasks.get((tenant, task_id))
-                if task is not None:
-                    task.reserved_on = None
-                    self._reserve(task, key)
+        self.workers[key] = LiveWorker(tenant, state, seq)
+        cap = state.capacity
+        self.placement.add_worker(
+            key,
+            Resources(cpu=cap.cpu, memory_mb=cap.memory_mb, gpu=cap.gpu, custom=dict(cap.custom)),
+            state.slots,
+            accepting=state.status == WorkerStatus.ACTIVE,
+        )
         self._push(state.expires_at, "worker", key, state.incarnation)
+        self._place_needed = True
 
     def _touch(self, key: Key, at: datetime) -> None:
         task = self.tasks.get(key)
         if task is not None and at > task.last_activity:
             task.last_activity = at
             self._track(task)
-
-    def _enqueue(self, task: LiveTask) -> None:
-        queue = self.pending.setdefault(task.tenant, OrderedDict())
-        queue[task.state.task_id] = None
-        self._place_needed = True
-        self._wake.set()
-
-    def _dequeue(self, task: LiveTask) -> None:
-        queue = self.pending.get(task.tenant)
-        if queue is not None:
-            queue.pop(task.state.task_id, None)
-
-    def _reserve(self, task: LiveTask, worker_key: Key) -> None:
-        worker = self.workers.get(worker_key)
-        if worker is None or task.reserved_on is not None:
-            return
-        worker.free = _take(worker.free, task.state.resources, +1)
-        worker.free_slots -= 1
-        worker.holds.add(task.state.task_id)
-        task.reserved_on = worker_key[1]
-
-    def _release(self, task: LiveTask) -> None:
-        if task.reserved_on is None:
-            return
-        worker = self.workers.get((task.tenant, task.reserved_on))
-        task.reserved_on = None
-        if worker is not None and task.state.task_id in worker.holds:
-            worker.holds.discard(task.state.task_id)
-            worker.free = _take(worker.free, task.state.resources, -1)
-            worker.free_slots += 1
-            self._place_needed = True
-            self._wake.set()
 
     # -- timers ------------------------------------------------------------------------------------
     def _push(self, when: datetime, kind: str, key: Key, token: str) -> None:
@@ -486,8 +539,10 @@ class Scheduler:
     def _track(self, task: LiveTask) -> None:
         """(Re)arm the task's timers from its state; stale heap entries are skipped when
         they fire."""
-        key = (task.tenant, task.state.task_id)
-        lease = task.state.lease
+        key = task.key
+        state = task.state
+        lease = state.lease
+        options = state.options
         if lease is not None:
             self._push(lease.expires_at, "lease", key, lease.lease_id)
             timeout = self._inactivity(task)
@@ -495,19 +550,33 @@ class Scheduler:
                 self._push(
                     task.last_activity + timedelta(seconds=timeout), "idle", key, lease.lease_id
                 )
+            if options.start_to_close_timeout and state.started_at is not None:
+                when = state.started_at + timedelta(seconds=options.start_to_close_timeout)
+                self._push(when, "s2c", key, lease.lease_id)
+        elif state.status == TaskStatus.PENDING and options.schedule_to_start_timeout:
+            since = state.pending_since or state.submitted_at
+            when = since + timedelta(seconds=options.schedule_to_start_timeout)
+            self._push(when, "s2s", key, since.isoformat())
 
-    async def _fire_due(self) -> None:
+    def _fire_due(self) -> None:
         now = datetime.now(UTC)
         while self._heap and self._heap[0][0] <= now:
             _when, _, kind, key, token = heapq.heappop(self._heap)
+            if kind == "worker":
+                worker = self.workers.get(key)
+                if worker and worker.state.incarnation == token and worker.state.expires_at <= now:
+                    self._decide_worker(worker, LoseWorker(worker_id=key[1], incarnation=token))
+                continue
+            task = self.tasks.get(key)
+            if task is None:
+                continue
+            state = task.state
+            lease = state.lease
             if kind == "lease":
-                task = self.tasks.get(key)
-                lease = task.state.lease if task else None
-                if task and lease and lease.lease_id == token and lease.expires_at <= now:
+                if lease and lease.lease_id == token and lease.expires_at <= now:
                     self._decide(task, ExpireLease(task_id=key[1], lease_id=token))
             elif kind == "idle":
-                task = self.tasks.get(key)
-                if task and task.state.lease and task.state.lease.lease_id == token:
+                if lease and lease.lease_id == token:
                     timeout = self._inactivity(task)
                     if timeout > 0 and task.last_activity + timedelta(seconds=timeout) <= now:
                         self._decide(
@@ -516,10 +585,28 @@ class Scheduler:
                                 task_id=key[1], timeout=timeout, last_activity_at=task.last_activity
                             ),
                         )
-            elif kind == "worker":
-                worker = self.workers.get(key)
-                if worker and worker.state.incarnation == token and worker.state.expires_at <= now:
-                    self._decide_worker(worker, LoseWorker(worker_id=key[1], incarnation=token))
+            elif kind == "retry":
+                nb = state.not_before
+                due = state.status == TaskStatus.PENDING and nb and nb.isoformat() == token
+                if due and key not in self.placement.jobs:
+                    self.placement.add(to_job(task))
+                    self._place_needed = True
+            elif kind == "s2s":
+                since = state.pending_since or state.submitted_at
+                s2s = state.options.schedule_to_start_timeout
+                if state.status == TaskStatus.PENDING and since.isoformat() == token and s2s:
+                    self._decide(
+                        task, TimeOutTask(task_id=key[1], timeout=s2s, kind="schedule_to_start")
+                    )
+            elif kind == "s2c":
+                s2c = state.options.start_to_close_timeout
+                if lease and lease.lease_id == token and s2c:
+                    self._decide(
+                        task,
+                        TimeOutTask(
+                            task_id=key[1], timeout=s2c, kind="start_to_close", lease_id=token
+                        ),
+                    )
 
     # -- decisions ---------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
@@ -544,6 +631,9 @@ class Scheduler:
                     "scheduler decision refused", command=type(command).__name__, error=err.message
                 )
                 return None
+            except Exception:  # a bug must not vanish as "exception never retrieved"
+                log.exception("scheduler decision crashed", command=type(command).__name__)
+                return None
 
     def _orphan_leases(self, worker_key: Key, reason: str) -> None:
         for task in list(self.tasks.values()):
@@ -558,52 +648,60 @@ class Scheduler:
                     ExpireLease(task_id=task.state.task_id, lease_id=lease.lease_id, reason=reason),
                 )
 
-    async def _place(self) -> None:
-        """First come, first served: each pending task onto the least loaded worker it fits."""
-        for tenant, queue in self.pending.items():
-            workers = [w for (t, _), w in self.workers.items() if t == tenant and w.accepting]
-            if not workers:
+    def _place(self) -> None:
+        outcome = self.placement.place(time.time())
+        for block in outcome.blocks:
+            task = self.tasks.get(block.key)
+            if task is not None and task.state.status == TaskStatus.PENDING:
+                command = BlockTask(
+                    task_id=block.key[1], reason=block.reason.value, details=block.details
+                )
+                self._decide(task, command)
+        for grant in outcome.grants:
+            task = self.tasks.get(grant.key)
+            worker = self.workers.get(grant.worker)
+            if task is None or worker is None or task.granting:
+                self.placement.release(grant.key)
                 continue
-            for task_id in list(queue):
-                task = self.tasks.get((tenant, task_id))
-                if task is None or task.granting or task.state.status != TaskStatus.PENDING:
-                    continue
-                worker = choose_worker(task.state.resources, workers)
-                if worker is None:
-                    continue
-                self._reserve(task, (tenant, worker.state.worker_id))
-                del queue[task_id]
-                task.granting = True
-                self._spawn(self._grant(task, worker))
+            task.granting = True
+            self._set_pending(task, False)
+            self._spawn(self._grant(task, worker))
+            self._grants.setdefault(task.tenant, deque(maxlen=4096)).append(time.monotonic())
 
     async def _grant(self, task: LiveTask, worker: LiveWorker) -> None:
         lease_id = ids.new_id()
+        ttl = task.state.options.heartbeat_timeout or self.config.lease_ttl
         command = GrantLease(
             task_id=task.state.task_id,
             lease_id=lease_id,
             worker_id=worker.state.worker_id,
-            ttl=self.config.lease_ttl,
+            ttl=ttl,
         )
         try:
             result = await self._execute(task.tenant, command, (task.state, task.seq))
         finally:
             task.granting = False
-        key = (task.tenant, task.state.task_id)
+        key = task.key
         if result is None or "fencing_token" not in result:
             # Refused (cancelled meanwhile, or leased elsewhere): give the capacity back;
             # the event that changed the task is on its way through the feed.
             if self.tasks.get(key) is task and task.state.lease is None:
-                self._release(task)
+                self.placement.release(key)
                 if task.state.status == TaskStatus.PENDING:
-                    self._enqueue(task)
+                    self._make_pending(task)
             return
         if task.seq < result["seq"]:  # apply our own decision now; the feed copy is then skipped
             lease = Lease(
                 lease_id, worker.state.worker_id, result["fencing_token"], result["fencing_token"],
-                datetime.fromisoformat(result["expires_at"]), self.config.lease_ttl,
+                datetime.fromisoformat(result["expires_at"]), ttl,
             )  # fmt: skip
             task.state = replace(
-                task.state, status=TaskStatus.LEASED, lease=lease, attempt=lease.attempt
+                task.state,
+                status=TaskStatus.LEASED,
+                lease=lease,
+                attempt=lease.attempt,
+                blocked=None,
+                not_before=None,
             )
             task.seq = result["seq"]
             self._track(task)
@@ -613,7 +711,7 @@ class Scheduler:
             "lease_id": lease_id,
             "fencing_token": result["fencing_token"],
             "attempt": result["fencing_token"],
-            "ttl": self.config.lease_ttl,
+            "ttl": ttl,
             **task.spec,
         }
         await self.nc.publish(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -142,6 +142,9 @@ class CommandService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
         self._stopped = asyncio.Event()
+        #: Called with (tenant, command) before a new aggregate is decided; raises to refuse
+        #: (the scheduler's backpressure).
+        self.admission: Callable[[str, Command], None] | None = None
         assert aggregates.AGGREGATE_TYPES  # registries loaded
 
     # -- life cycle --------------------------------------------------------------------------
@@ -242,6 +245,8 @@ class CommandService:
         for other, other_id in command.related():
             other_kind = aggregates.AGGREGATE_TYPES[other]
             related[(other, other_id)] = (await self.cache.load(other_kind, tenant, other_id))[0]
+        if state is None and command.creates and self.admission is not None:
+            self.admission(tenant, command)  # backpressure: may refuse with ``overloaded``
         now = datetime.now(UTC)
         decision = kind.decide(state, command, DecideContext(tenant, aggregate_id, now, related))
         events = [

@@ -145,3 +145,62 @@ class ErrorInfo(Frozen):
 
 #: Seconds, as sent by clients (fractions allowed).
 Seconds = Annotated[float, Field(ge=0, le=365 * 24 * 3600)]
+
+
+# -- scheduling options ----------------------------------------------------------------------------
+
+
+class RetryPolicy(Frozen):
+    """How a task that fails is retried (attempt n waits
+    ``min(initial_interval * backoff_coefficient**(n-1), max_interval)``, +/- jitter)."""
+
+    initial_interval: Seconds = 1.0
+    backoff_coefficient: float = Field(2.0, ge=1.0, le=100.0)
+    max_interval: Seconds = 100.0
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts in all, the first included.")
+    non_retryable: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Error types (ErrorInfo.type) that fail the task at once.",
+    )
+    jitter: float = Field(
+        0.1, ge=0.0, le=1.0, description="Each delay varies by up to this fraction either way."
+    )
+
+    def delay(self, attempt: int, unit: float) -> float:
+        """Seconds before the attempt after ``attempt``; ``unit`` in [0, 1) picks the jitter."""
+        base = min(
+            self.initial_interval * self.backoff_coefficient ** max(attempt - 1, 0),
+            self.max_interval,
+        )
+        return max(0.0, base * (1.0 + self.jitter * (2.0 * unit - 1.0)))
+
+
+class SchedulingOptions(Frozen):
+    """Per-task scheduling options (flat fields of SubmitTask, SpawnAgent and TaskSubmitted)."""
+
+    fairness_key: Token | None = Field(
+        None, description="Tasks of one tenant share fairly across these keys (e.g. a customer)."
+    )
+    concurrency_key: Token | None = Field(
+        None, description="At most concurrency_limit (or the node's limit for the key) run at once."
+    )
+    concurrency_limit: int | None = Field(None, ge=1, le=1_000_000)
+    retry: RetryPolicy | None = Field(
+        None, description="Retry failures with backoff; default: a failure is final."
+    )
+    schedule_to_start_timeout: Seconds | None = Field(
+        None, description="Time out if not started this long after it became ready."
+    )
+    start_to_close_timeout: Seconds | None = Field(
+        None, description="Time out (or retry) an attempt running longer than this."
+    )
+    heartbeat_timeout: Annotated[float, Field(gt=0, le=24 * 3600)] | None = Field(
+        None, description="The lease expires this long after the last heartbeat (default: node's)."
+    )
+
+    def options(self) -> SchedulingOptions:
+        """Just the scheduling options of a model that has them among other fields."""
+        return SchedulingOptions.model_validate(
+            {k: getattr(self, k) for k in SchedulingOptions.model_fields}
+        )

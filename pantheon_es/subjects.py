@@ -160,6 +160,14 @@ class Subjects:
             return None
         return CommandSubject(parts[2], parts[3], parts[4])
 
+    # -- the scheduler's own questions (why) ---------------------------------------
+    def scheduler(self, tenant: str, verb: str) -> str:
+        return f"{self.root}.sched.{check_token('tenant', tenant)}.{verb}"
+
+    @property
+    def all_scheduler(self) -> str:
+        return f"{self.root}.sched.*.*"
+
     # -- work offers -----------------------------------------------------------
     def work(self, tenant: str, worker_id: str) -> str:
         return (

@@ -3,10 +3,13 @@
 Life of a task (an agent is a task whose executor is ``agent``)::
 
     pending --LeaseGranted--> leased --TaskStarted--> running --TaskCompleted--> completed
-       ^                        |                        |------TaskFailed-----> failed
-       |                        |                        |------TaskTimedOut---> timed_out
+       ^  |                     |                        |------TaskFailed-----> failed
+       |  +--TaskBlocked (why it waits; stays pending)   |------TaskTimedOut---> timed_out
        +---LeaseExpired/LeaseReleased (attempts left)----+
+       +---RetryScheduled (a failure, retry policy allows; waits until not_before)
     any non-terminal --TaskCancelled--> cancelled
+    pending --TaskTimedOut (schedule_to_start)--> timed_out
+    failed/timed_out --TaskRedriven--> pending       (failed tasks are the dead-letter queue)
     terminal --TaskArchived--> (gone from read models)
 
 A lease carries a fencing token (the task's lease counter: 1, 2, 3...). Every
@@ -15,7 +18,7 @@ release) names its lease and token; a report for a lease that is not the live
 one, or whose ``expires_at`` has passed, is refused with ``stale_lease`` and
 changes nothing.
 
-Commands without a ``verb`` (GrantLease, ExpireLease, TimeOutTask) are the
+Commands without a ``verb`` (GrantLease, ExpireLease, TimeOutTask, BlockTask) are the
 scheduler's decisions: they go through the same ``decide`` but are never
 routed from NATS.
 """
@@ -23,6 +26,7 @@ routed from NATS.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -41,6 +45,8 @@ from pantheon_es.specs import (
     Labels,
     Priority,
     Resources,
+    RetryPolicy,
+    SchedulingOptions,
     Seconds,
     Usage,
 )
@@ -75,7 +81,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 # -- commands: clients ------------------------------------------------------------------
 
 
-class SubmitTask(Command, aggregate="task", verb="submit"):
+class SubmitTask(Command, SchedulingOptions, aggregate="task", verb="submit"):
     """Submit a task to run; it starts ``pending``."""
 
     creates = True
@@ -99,7 +105,7 @@ class SubmitTask(Command, aggregate="task", verb="submit"):
         return self.task_id
 
 
-class SpawnAgent(Command, aggregate="task", verb="spawn"):
+class SpawnAgent(Command, SchedulingOptions, aggregate="task", verb="spawn"):
     """Spawn an agent: a task whose executor is a coding-agent CLI (``agent``)."""
 
     creates = True
@@ -186,6 +192,20 @@ class ReleaseTask(_LeaseReport, aggregate="task", verb="release"):
     reason: Reason = "released by worker"
 
 
+class RedriveTask(Command, aggregate="task", verb="redrive"):
+    """Run a failed or timed-out task again (the dead-letter queue's re-drive).
+
+    It starts pending with a fresh allowance of attempts; its lease counter
+    (fencing token) goes on from where it was.
+    """
+
+    task_id: TaskId
+    reason: Reason = "redriven"
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
 class ArchiveTask(Command, aggregate="task", verb="archive"):
     """Drop a finished task from the read models; its history stays in the log."""
 
@@ -218,12 +238,29 @@ class ExpireLease(Command, aggregate="task"):
         return self.task_id
 
 
+TimeoutKind = Literal["inactivity", "schedule_to_start", "start_to_close"]
+
+
 class TimeOutTask(Command, aggregate="task"):
     task_id: TaskId
     timeout: float
+    kind: TimeoutKind = "inactivity"
     #: The latest activity the scheduler saw, messages included (the task's own
     #: events do not show messages sent to or by it).
-    last_activity_at: datetime
+    last_activity_at: datetime | None = None
+    #: start_to_close: the lease whose attempt ran too long
+    lease_id: str | None = None
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
+class BlockTask(Command, aggregate="task"):
+    """Record why a pending task cannot be placed (only when the reason changes)."""
+
+    task_id: TaskId
+    reason: str
+    details: dict[str, Any] = Field(default_factory=dict)
 
     def target_id(self) -> str | None:
         return self.task_id
@@ -232,7 +269,9 @@ class TimeOutTask(Command, aggregate="task"):
 # -- events -------------------------------------------------------------------------------------
 
 
-class TaskSubmitted(EventData, type_name="TaskSubmitted", version=1, aggregate="task"):
+class TaskSubmitted(
+    EventData, SchedulingOptions, type_name="TaskSubmitted", version=1, aggregate="task"
+):
     name: str
     executor: ExecutorSpec
     priority: int
@@ -304,6 +343,30 @@ class TaskTimedOut(EventData, type_name="TaskTimedOut", version=1, aggregate="ta
     lease_id: str | None
     timeout: float
     last_activity_at: datetime
+    kind: str = "inactivity"
+
+
+class TaskBlocked(EventData, type_name="TaskBlocked", version=1, aggregate="task"):
+    """Why a pending task cannot be placed now (placement.BlockReason values)."""
+
+    reason: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class RetryScheduled(EventData, type_name="RetryScheduled", version=1, aggregate="task"):
+    """An attempt failed and the retry policy allows another, from ``not_before`` on."""
+
+    lease_id: str | None
+    attempt: int
+    error: ErrorInfo
+    delay: float
+    not_before: datetime
+    usage: Usage | None = None
+
+
+class TaskRedriven(EventData, type_name="TaskRedriven", version=1, aggregate="task"):
+    previous_status: str
+    reason: str
 
 
 class TaskCancelled(EventData, type_name="TaskCancelled", version=1, aggregate="task"):
@@ -348,10 +411,25 @@ class TaskState:
     finished_at: datetime | None = None
     archived: bool = False
     version: int = 1
+    options: SchedulingOptions = SchedulingOptions()  # noqa: RUF009 (frozen, shared safely)
+    #: When it last became ready to place (submitted, lease lost, retry due, redriven).
+    pending_since: datetime | None = None
+    blocked: str | None = None  # the last TaskBlocked reason, while pending
+    not_before: datetime | None = None  # a scheduled retry's earliest start
+    attempts_base: int = 0  # ``attempt`` at the last redrive
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def attempt_limit(self) -> int:
+        retry = self.options.retry
+        return retry.max_attempts if retry is not None else self.max_attempts
+
+    @property
+    def attempts_used(self) -> int:
+        return self.attempt - self.attempts_base
 
 
 @functools.singledispatch
@@ -364,7 +442,14 @@ def _leased(data: LeaseGranted, state: TaskState, event: Event[Any]) -> TaskStat
     lease = Lease(
         data.lease_id, data.worker_id, data.attempt, data.fencing_token, data.expires_at, data.ttl
     )
-    return replace(state, status=TaskStatus.LEASED, lease=lease, attempt=data.attempt)
+    return replace(
+        state,
+        status=TaskStatus.LEASED,
+        lease=lease,
+        attempt=data.attempt,
+        blocked=None,
+        not_before=None,
+    )
 
 
 @_apply.register
@@ -392,7 +477,38 @@ def _progressed(data: TaskProgressed, state: TaskState, event: Event[Any]) -> Ta
 
 
 def _back_to_pending(state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(state, status=TaskStatus.PENDING, lease=None)
+    return replace(state, status=TaskStatus.PENDING, lease=None, pending_since=event.occurred_at)
+
+
+@_apply.register
+def _blocked(data: TaskBlocked, state: TaskState, event: Event[Any]) -> TaskState:
+    return replace(state, blocked=data.reason)
+
+
+@_apply.register
+def _retry_scheduled(data: RetryScheduled, state: TaskState, event: Event[Any]) -> TaskState:
+    return replace(
+        state,
+        status=TaskStatus.PENDING,
+        lease=None,
+        pending_since=data.not_before,
+        not_before=data.not_before,
+        blocked="waiting_for_retry",
+    )
+
+
+@_apply.register
+def _redriven(data: TaskRedriven, state: TaskState, event: Event[Any]) -> TaskState:
+    return replace(
+        state,
+        status=TaskStatus.PENDING,
+        lease=None,
+        finished_at=None,
+        pending_since=event.occurred_at,
+        blocked=None,
+        not_before=None,
+        attempts_base=state.attempt,
+    )
 
 
 @_apply.register
@@ -452,6 +568,8 @@ def evolve(state: TaskState | None, event: Event[Any]) -> TaskState:
             last_activity_at=event.occurred_at,
             inactivity_timeout=data.inactivity_timeout,
             max_attempts=data.max_attempts,
+            options=data.options(),
+            pending_since=event.occurred_at,
         )
     if state is None:
         raise InternalError(f"{event.type} before TaskSubmitted for {event.aggregate_id}")
@@ -526,6 +644,7 @@ def _submitted(command: SubmitTask | SpawnAgent, executor: Any) -> TaskSubmitted
         idempotency_key=command.idempotency_key,
         inactivity_timeout=command.inactivity_timeout,
         max_attempts=command.max_attempts,
+        **command.options().model_dump(exclude_defaults=True),
     )
 
 
@@ -623,10 +742,48 @@ def _complete(command: CompleteTask, state: TaskState | None, ctx: DecideContext
     return Decision([event], {"task_id": state.task_id, "status": "completed"})
 
 
+def jitter_unit(task_id: str, attempt: int) -> float:
+    """A fixed pseudo-random number in [0, 1) per attempt: jitter that replays identically."""
+    digest = hashlib.sha256(f"{task_id}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def retry_delay(state: TaskState, error: ErrorInfo) -> float | None:
+    """Seconds until the next attempt if the retry policy allows one after ``error``."""
+    retry: RetryPolicy | None = state.options.retry
+    if retry is None or error.type in retry.non_retryable:
+        return None
+    if state.attempts_used >= retry.max_attempts:
+        return None
+    return retry.delay(state.attempts_used, jitter_unit(state.task_id, state.attempt))
+
+
+def _schedule_retry(
+    state: TaskState, lease_id: str | None, error: ErrorInfo, delay: float, ctx: DecideContext,
+    usage: Usage | None = None,
+) -> Decision:  # fmt: skip
+    not_before = ctx.now + timedelta(seconds=delay)
+    event = RetryScheduled(
+        lease_id=lease_id,
+        attempt=state.attempt,
+        error=error,
+        delay=round(delay, 6),
+        not_before=not_before,
+        usage=usage,
+    )
+    return Decision(
+        [event],
+        {"task_id": state.task_id, "status": "pending", "retry_at": not_before.isoformat()},
+    )
+
+
 @_decide.register
 def _fail(command: FailTask, state: TaskState | None, ctx: DecideContext) -> Decision:
     lease = live_lease(state, command, ctx.now)
     assert state is not None
+    delay = retry_delay(state, command.error)
+    if delay is not None:
+        return _schedule_retry(state, lease.lease_id, command.error, delay, ctx, command.usage)
     event = TaskFailed(
         lease_id=lease.lease_id,
         error=command.error,
@@ -639,15 +796,15 @@ def _fail(command: FailTask, state: TaskState | None, ctx: DecideContext) -> Dec
 def _lose_lease(state: TaskState, lease: Lease, event: EventData) -> Decision:
     """A lease ended without a result: offered again, or failed after the last attempt."""
     events: list[EventData] = [event]
-    if lease.attempt >= state.max_attempts:
+    if state.attempts_used >= state.attempt_limit:
         reason = getattr(event, "reason", "lease lost")
         events.append(
             TaskFailed(
                 lease_id=None,
                 error=ErrorInfo(
                     type="AttemptsExhausted",
-                    message=f"{lease.attempt} of {state.max_attempts} attempts lost their lease "
-                    f"(last: {reason})",
+                    message=f"{state.attempts_used} of {state.attempt_limit} attempts lost their "
+                    f"lease (last: {reason})",
                 ),
             )
         )
@@ -712,18 +869,70 @@ def _expire(command: ExpireLease, state: TaskState | None, ctx: DecideContext) -
 
 
 @_decide.register
-def _time_out(command: TimeOutTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+def _redrive(command: RedriveTask, state: TaskState | None, ctx: DecideContext) -> Decision:
     task = _require(state, command.task_id)
-    last_activity = max(task.last_activity_at, command.last_activity_at)
-    idle_until = last_activity + timedelta(seconds=command.timeout)
-    if task.status not in (TaskStatus.LEASED, TaskStatus.RUNNING) or ctx.now < idle_until:
+    if task.status not in (TaskStatus.FAILED, TaskStatus.TIMED_OUT):
+        raise ConflictError(
+            f"task {task.task_id} is {task.status.value}; only failed or timed-out tasks are "
+            "redriven",
+            details={"task_id": task.task_id, "status": task.status.value},
+        )
+    event = TaskRedriven(previous_status=task.status.value, reason=command.reason)
+    return Decision([event], {"task_id": task.task_id, "status": "pending", "changed": True})
+
+
+@_decide.register
+def _block(command: BlockTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    if task.status != TaskStatus.PENDING or task.blocked == command.reason:
         return Decision([], _status(task, changed=False))
+    event = TaskBlocked(reason=command.reason, details=command.details)
+    return Decision([event], _status(task, changed=True))
+
+
+def _timeout_decision(task: TaskState, command: TimeOutTask, last_activity: datetime) -> Decision:
     event = TaskTimedOut(
         lease_id=task.lease.lease_id if task.lease else None,
         timeout=command.timeout,
         last_activity_at=last_activity,
+        kind=command.kind,
     )
     return Decision([event], {"task_id": task.task_id, "status": "timed_out"})
+
+
+@_decide.register
+def _time_out(command: TimeOutTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    unchanged = Decision([], _status(task, changed=False))
+    if command.kind == "schedule_to_start":
+        since = task.pending_since or task.submitted_at
+        if task.status != TaskStatus.PENDING or ctx.now < since + timedelta(
+            seconds=command.timeout
+        ):
+            return unchanged
+        return _timeout_decision(task, command, task.last_activity_at)
+    if command.kind == "start_to_close":
+        lease = task.lease
+        if lease is None or lease.lease_id != command.lease_id:
+            return unchanged
+        # measured from the grant: the lease's expiry minus its ttl is when it was last
+        # renewed, so use the start (or the grant time if it never reported one)
+        began = task.started_at if task.status == TaskStatus.RUNNING else None
+        if began is None or ctx.now < began + timedelta(seconds=command.timeout):
+            return unchanged
+        error = ErrorInfo(
+            type="StartToCloseTimeout",
+            message=f"attempt {task.attempt} ran longer than {command.timeout:g} s",
+        )
+        delay = retry_delay(task, error)
+        if delay is not None:
+            return _schedule_retry(task, lease.lease_id, error, delay, ctx)
+        return _timeout_decision(task, command, task.last_activity_at)
+    last_activity = max(task.last_activity_at, command.last_activity_at or task.last_activity_at)
+    idle_until = last_activity + timedelta(seconds=command.timeout)
+    if task.status not in (TaskStatus.LEASED, TaskStatus.RUNNING) or ctx.now < idle_until:
+        return unchanged
+    return _timeout_decision(task, command, last_activity)
 
 
 def decide(state: TaskState | None, command: Command, ctx: DecideContext) -> Decision:

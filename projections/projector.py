@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,17 @@ CREATE TABLE IF NOT EXISTS projector_checkpoint (
     last_seq INTEGER NOT NULL,
     kv_seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS projector_schema (
+    name TEXT PRIMARY KEY,
+    digest TEXT NOT NULL
+);
 """
+
+
+def schema_digest(tables: Sequence[Table]) -> str:
+    """A fingerprint of every read-model table's definition."""
+    text = "\n".join(f"{t.name}|{','.join(t.columns)}|{t.ddl}" for t in tables)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def default_models() -> list[ReadModel]:
@@ -129,9 +140,10 @@ class Projector:
 
     async def open(self) -> None:
         self.db = open_writer(self.db_path)
+        self.db.executescript(CHECKPOINT_DDL)
+        self._migrate(self.db)
         for table in self._tables:
             self.db.executescript(table.ddl)
-        self.db.executescript(CHECKPOINT_DDL)
         row = self.db.execute(
             "SELECT last_seq, kv_seq FROM projector_checkpoint WHERE name = ?", (self.name,)
         ).fetchone()
@@ -139,6 +151,26 @@ class Projector:
         if self.kv_enabled:
             await self._provision_bucket()
             await self._resync_kv()
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Read models whose tables changed shape are rebuilt from the log (docs/decisions.md)."""
+        digest = schema_digest(self._tables)
+        row = db.execute(
+            "SELECT digest FROM projector_schema WHERE name = ?", (self.name,)
+        ).fetchone()
+        if row is not None and row[0] == digest:
+            return
+        if row is not None:
+            log.warning("read-model schema changed: rebuilding from the log", db=str(self.db_path))
+        db.execute("BEGIN IMMEDIATE")
+        for table in self._tables:
+            db.execute(f"DROP TABLE IF EXISTS {table.name}")
+        db.execute("DELETE FROM projector_checkpoint WHERE name = ?", (self.name,))
+        db.execute(
+            "INSERT OR REPLACE INTO projector_schema (name, digest) VALUES (?, ?)",
+            (self.name, digest),
+        )
+        db.execute("COMMIT")
 
     async def run(self) -> None:
         """Apply the log from the checkpoint on, live, until :meth:`shutdown`."""

@@ -19,18 +19,21 @@ from pantheon_es import ids
 from pantheon_es.errors import NotFoundError
 from pantheon_es.events import EventRecord
 from pantheon_es.mailbox import MessagesDelivered, MessageSent
-from pantheon_es.specs import priority_name
+from pantheon_es.specs import SchedulingOptions, priority_name
 from pantheon_es.tasks import (
     LeaseExpired,
     LeaseGranted,
     LeaseReleased,
     LeaseRenewed,
+    RetryScheduled,
     TaskArchived,
+    TaskBlocked,
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
     TaskId,
     TaskProgressed,
+    TaskRedriven,
     TaskStarted,
     TaskStatus,
     TaskSubmitted,
@@ -92,12 +95,20 @@ TASKS = Table(
         "actor",
         "correlation_id",
         "idempotency_key",
+        "options",
+        "pending_since",
+        "blocked_reason",
+        "blocked_details",
+        "not_before",
+        "attempts_base",
         "version",
         "task_seq",
         "last_seq",
     ),
     key=("tenant", "id"),
-    json_columns=frozenset({"executor", "resources", "labels", "result", "error"}),
+    json_columns=frozenset(
+        {"executor", "resources", "labels", "result", "error", "options", "blocked_details"}
+    ),
     ddl="""
     CREATE TABLE IF NOT EXISTS tasks (
         id TEXT NOT NULL,
@@ -135,6 +146,12 @@ TASKS = Table(
         actor TEXT NOT NULL,
         correlation_id TEXT NOT NULL,
         idempotency_key TEXT,
+        options TEXT NOT NULL,
+        pending_since TEXT,
+        blocked_reason TEXT,
+        blocked_details TEXT,
+        not_before TEXT,
+        attempts_base INTEGER NOT NULL,
         version INTEGER NOT NULL,
         task_seq INTEGER NOT NULL,
         last_seq INTEGER NOT NULL,
@@ -211,6 +228,14 @@ class TasksModel(ReadModel):
                 "actor": ev.actor,
                 "correlation_id": ev.correlation_id,
                 "idempotency_key": d.get("idempotency_key"),
+                "options": {
+                    k: d[k] for k in SchedulingOptions.model_fields if d.get(k) is not None
+                },
+                "pending_since": at,
+                "blocked_reason": None,
+                "blocked_details": None,
+                "not_before": None,
+                "attempts_base": 0,
                 "version": 1,
                 "task_seq": ev.seq,
                 "last_seq": ev.seq,
@@ -230,6 +255,7 @@ class TasksModel(ReadModel):
             worker_id=d["worker_id"],
             lease_expires_at=d["expires_at"],
             lease_ttl=d["ttl"],
+            **self._UNBLOCKED,
         )
 
     @handles(TaskStarted, load=aggregate_row(TASKS))
@@ -273,13 +299,60 @@ class TasksModel(ReadModel):
         "lease_ttl": None,
     }
 
+    _UNBLOCKED: dict[str, Any] = {  # noqa: RUF012 - a constant
+        "blocked_reason": None,
+        "blocked_details": None,
+        "not_before": None,
+    }
+
+    def _pending(self, uow: Batch, ev: EventRecord, **changes: Any) -> None:
+        changes.setdefault("pending_since", ev.occurred_at)
+        self._update(uow, ev, status="pending", activity="active", **self._NO_LEASE, **changes)
+
     @handles(LeaseExpired, load=aggregate_row(TASKS))
     def expired(self, uow: Batch, ev: EventRecord) -> None:
-        self._update(uow, ev, status="pending", activity="active", **self._NO_LEASE)
+        self._pending(uow, ev)
 
     @handles(LeaseReleased, load=aggregate_row(TASKS))
     def released(self, uow: Batch, ev: EventRecord) -> None:
-        self._update(uow, ev, status="pending", activity="active", **self._NO_LEASE)
+        self._pending(uow, ev)
+
+    @handles(TaskBlocked, load=aggregate_row(TASKS))
+    def blocked(self, uow: Batch, ev: EventRecord) -> None:
+        d = ev.data
+        self._update(uow, ev, blocked_reason=d["reason"], blocked_details=d.get("details") or {})
+
+    @handles(RetryScheduled, load=aggregate_row(TASKS))
+    def retry_scheduled(self, uow: Batch, ev: EventRecord) -> None:
+        d = ev.data
+        changes: dict[str, Any] = {}
+        if d.get("usage"):
+            changes["cpu_percent"] = d["usage"]["cpu_percent"]
+            changes["memory_mb"] = d["usage"]["memory_mb"]
+        self._pending(
+            uow,
+            ev,
+            pending_since=d["not_before"],
+            not_before=d["not_before"],
+            blocked_reason="waiting_for_retry",
+            blocked_details={"attempt": d["attempt"], "not_before": d["not_before"],
+                             "delay": d["delay"], "error_type": d["error"]["type"]},
+            error=d["error"],
+            **changes,
+        )  # fmt: skip
+
+    @handles(TaskRedriven, load=aggregate_row(TASKS))
+    def redriven(self, uow: Batch, ev: EventRecord) -> None:
+        old = uow.get(TASKS, (ev.tenant, ev.aggregate_id))
+        if old is None:
+            return
+        self._pending(
+            uow,
+            ev,
+            finished_at=None,
+            attempts_base=old["attempt"],
+            **self._UNBLOCKED,
+        )
 
     def _finish(self, uow: Batch, ev: EventRecord, status: str, **changes: Any) -> None:
         if ev.data.get("started_at"):  # finished before its start was reported
@@ -289,8 +362,9 @@ class TasksModel(ReadModel):
             changes["cpu_percent"] = usage["cpu_percent"]
             changes["memory_mb"] = usage["memory_mb"]
         self._update(
-            uow, ev, status=status, finished_at=ev.occurred_at, **self._NO_LEASE, **changes
-        )
+            uow, ev, status=status, finished_at=ev.occurred_at,
+            **self._NO_LEASE, **self._UNBLOCKED, **changes,
+        )  # fmt: skip
 
     @handles(TaskCompleted, load=aggregate_row(TASKS))
     def completed(self, uow: Batch, ev: EventRecord) -> None:
@@ -303,11 +377,22 @@ class TasksModel(ReadModel):
     @handles(TaskTimedOut, load=aggregate_row(TASKS))
     def timed_out(self, uow: Batch, ev: EventRecord) -> None:
         d = ev.data
-        error = {
-            "type": "InactivityTimeout",
-            "message": f"no activity for {d['timeout']:g} s (last at {d['last_activity_at']})",
-            "details": {"timeout": d["timeout"], "last_activity_at": d["last_activity_at"]},
+        kind = d.get("kind", "inactivity")
+        messages = {
+            "inactivity": f"no activity for {d['timeout']:g} s (last at {d['last_activity_at']})",
+            "schedule_to_start": f"not started within {d['timeout']:g} s of becoming ready",
+            "start_to_close": f"ran longer than {d['timeout']:g} s",
         }
+        error = {
+            "type": {
+                "inactivity": "InactivityTimeout",
+                "schedule_to_start": "ScheduleToStartTimeout",
+                "start_to_close": "StartToCloseTimeout",
+            }.get(kind, "Timeout"),
+            "message": messages.get(kind, f"timed out after {d['timeout']:g} s"),
+            "details": {"timeout": d["timeout"], "last_activity_at": d["last_activity_at"],
+                        "kind": kind},
+        }  # fmt: skip
         self._finish(uow, ev, "timed_out", error=error)
 
     @handles(TaskCancelled, load=aggregate_row(TASKS))

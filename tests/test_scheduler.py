@@ -244,4 +244,5 @@ async def test_scheduler_restart_rebuilds_the_live_set_from_read_models(cluster:
     fresh = Scheduler(node.nc, node.service, node.subjects)
     fresh.bootstrap(node.projector.db, node.projector.position, node.projector.position)
     assert {task_id for (_t, task_id) in fresh.tasks} >= set(ids)
-    assert list(fresh.pending["default"]) == ids  # in submission order
+    queued = sorted(fresh.placement.jobs.values(), key=lambda job: job.rank)
+    assert [job.key[1] for job in queued] == ids  # same priority: in submission order
