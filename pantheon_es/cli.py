@@ -83,6 +83,92 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON document and 
 
 DEFAULT_DATA_DIR = Path(".pantheon")
 
+# -- scheduling options of submit and spawn --------------------------------------------------------
+_SCHED = "Scheduling"
+FairnessKey = Annotated[
+    str | None,
+    typer.Option(help="Share fairly with the tenant's other keys (e.g. a customer id).",
+                 rich_help_panel=_SCHED),
+]  # fmt: skip
+ConcurrencyKey = Annotated[
+    str | None,
+    typer.Option(help="Limit how many tasks with this key run at once.", rich_help_panel=_SCHED),
+]
+ConcurrencyLimit = Annotated[
+    int | None,
+    typer.Option(min=1, help="The limit for --concurrency-key (default: the node's).",
+                 rich_help_panel=_SCHED),
+]  # fmt: skip
+RetryAttempts = Annotated[
+    int | None,
+    typer.Option(min=1, help="Retry failures: attempts in all (enables the retry policy).",
+                 rich_help_panel=_SCHED),
+]  # fmt: skip
+RetryInitial = Annotated[
+    float, typer.Option(min=0, help="Seconds before the first retry.", rich_help_panel=_SCHED)
+]
+RetryBackoff = Annotated[
+    float, typer.Option(min=1, help="Each retry waits this much longer.", rich_help_panel=_SCHED)
+]
+RetryMaxInterval = Annotated[
+    float, typer.Option(min=0, help="Longest wait between retries, s.", rich_help_panel=_SCHED)
+]
+NonRetryable = Annotated[
+    list[str] | None,
+    typer.Option("--non-retryable", help="Error type that is never retried (repeatable).",
+                 rich_help_panel=_SCHED),
+]  # fmt: skip
+ScheduleToStart = Annotated[
+    float | None,
+    typer.Option(min=0, help="Time out if not started within this many seconds.",
+                 rich_help_panel=_SCHED),
+]  # fmt: skip
+StartToClose = Annotated[
+    float | None,
+    typer.Option(min=0, help="An attempt may run this many seconds (then retried or timed out).",
+                 rich_help_panel=_SCHED),
+]  # fmt: skip
+HeartbeatTimeout = Annotated[
+    float | None,
+    typer.Option(min=0.5, help="Lease expires this long after the last heartbeat, s.",
+                 rich_help_panel=_SCHED),
+]  # fmt: skip
+
+
+def _scheduling(
+    fairness_key: str | None,
+    concurrency_key: str | None,
+    concurrency_limit: int | None,
+    retry_max_attempts: int | None,
+    retry_initial: float,
+    retry_backoff: float,
+    retry_max_interval: float,
+    non_retryable: list[str] | None,
+    schedule_to_start: float | None,
+    start_to_close: float | None,
+    heartbeat_timeout: float | None,
+) -> dict[str, Any]:
+    """The SchedulingOptions fields the user set, for the command body."""
+    options: dict[str, Any] = {
+        "fairness_key": fairness_key,
+        "concurrency_key": concurrency_key,
+        "concurrency_limit": concurrency_limit,
+        "schedule_to_start_timeout": schedule_to_start,
+        "start_to_close_timeout": start_to_close,
+        "heartbeat_timeout": heartbeat_timeout,
+    }
+    if retry_max_attempts is not None:
+        options["retry"] = {
+            "max_attempts": retry_max_attempts,
+            "initial_interval": retry_initial,
+            "backoff_coefficient": retry_backoff,
+            "max_interval": retry_max_interval,
+            "non_retryable": non_retryable or [],
+        }
+    elif non_retryable:
+        raise typer.BadParameter("--non-retryable needs --retry-max-attempts")
+    return {k: v for k, v in options.items() if v is not None}
+
 
 def _actor() -> str:
     try:
@@ -192,6 +278,60 @@ def up(
         float | None,
         typer.Option(min=0, help="Archive finished tasks this many minutes after they finish."),
     ] = None,
+    aging: Annotated[
+        float,
+        typer.Option(
+            min=0.0001,
+            help="Priority points a waiting task gains per second.",
+            rich_help_panel="Scheduling policy",
+        ),
+    ] = 1.0,
+    max_running_agents: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Agents running at once, all tenants together.",
+            rich_help_panel="Scheduling policy",
+        ),
+    ] = None,
+    concurrency_limit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--concurrency-limit",
+            help="KEY=N: at most N tasks with that concurrency key run at once (repeatable).",
+            rich_help_panel="Scheduling policy",
+        ),
+    ] = None,
+    max_running_per_tenant: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Tasks one tenant may run at once.", rich_help_panel="Scheduling policy"
+        ),
+    ] = None,
+    max_pending_per_tenant: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Pending tasks per tenant; past it a submit gets 'overloaded'.",
+            rich_help_panel="Scheduling policy",
+        ),
+    ] = 100_000,
+    tenant_weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tenant-weight",
+            help="TENANT=W: fair-share weight (default 1).",
+            rich_help_panel="Scheduling policy",
+        ),
+    ] = None,
+    fairness_weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fairness-weight",
+            help="KEY=W: weight of a fairness key (default 1).",
+            rich_help_panel="Scheduling policy",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run a node: NATS, command service, projections, scheduler and local workers.
@@ -201,8 +341,26 @@ def up(
     behind.
     """
     from pantheon_es.node import Node, NodeConfig
+    from pantheon_es.placement import Policy, Quota
     from pantheon_es.scheduler import SchedulerConfig
 
+    try:
+        policy = Policy(
+            aging_per_s=aging,
+            max_running_agents=max_running_agents,
+            concurrency_limits={
+                k: int(v) for k, v in _pairs(concurrency_limit, "--concurrency-limit").items()
+            },
+            default_quota=Quota(max_running_per_tenant, max_pending_per_tenant),
+            tenant_weights={
+                k: float(v) for k, v in _pairs(tenant_weight, "--tenant-weight").items()
+            },
+            fairness_weights={
+                k: float(v) for k, v in _pairs(fairness_weight, "--fairness-weight").items()
+            },
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(f"a limit or weight is not a number: {exc}") from None
     logs.configure(log_level)
     config = NodeConfig(
         data_dir=data_dir,
@@ -212,7 +370,9 @@ def up(
         read_side="process",
         workers=workers,
         worker_slots=worker_slots,
-        scheduler=SchedulerConfig(lease_ttl=lease_ttl, inactivity_timeout=inactivity_timeout * 60),
+        scheduler=SchedulerConfig(
+            lease_ttl=lease_ttl, inactivity_timeout=inactivity_timeout * 60, policy=policy
+        ),
         retention=retention * 60 if retention is not None else None,
     )
 
@@ -274,6 +434,17 @@ def submit(
     max_attempts: Annotated[
         int | None, typer.Option(min=1, help="Leases it may lose (worker died) before it fails.")
     ] = None,
+    fairness_key: FairnessKey = None,
+    concurrency_key: ConcurrencyKey = None,
+    concurrency_limit: ConcurrencyLimit = None,
+    retry_max_attempts: RetryAttempts = None,
+    retry_initial: RetryInitial = 1.0,
+    retry_backoff: RetryBackoff = 2.0,
+    retry_max_interval: RetryMaxInterval = 100.0,
+    non_retryable: NonRetryable = None,
+    schedule_to_start: ScheduleToStart = None,
+    start_to_close: StartToClose = None,
+    heartbeat_timeout: HeartbeatTimeout = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait until it finishes and print its final state.")
     ] = False,
@@ -326,6 +497,11 @@ def submit(
         except ValueError as exc:
             raise typer.BadParameter(f"--resource amount must be a number: {exc}") from None
     prio: str | int = int(priority) if priority.isdigit() else priority
+    options = _scheduling(
+        fairness_key, concurrency_key, concurrency_limit, retry_max_attempts, retry_initial,
+        retry_backoff, retry_max_interval, non_retryable, schedule_to_start, start_to_close,
+        heartbeat_timeout,
+    )  # fmt: skip
 
     async def go(c: PantheonClient) -> dict[str, Any]:
         result = await c.submit_task(
@@ -337,6 +513,7 @@ def submit(
             idempotency_key=idempotency_key,
             inactivity_timeout=inactivity_timeout * 60 if inactivity_timeout is not None else None,
             max_attempts=max_attempts,
+            options=options,
         )
         if wait:
             return await c.wait_for_task(result["task_id"], timeout=timeout)
@@ -392,6 +569,87 @@ def status(
         shown = orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
         table.add_row(key, "-" if value is None else shown)
     out.print(table)
+
+
+WHY_TEXT = {
+    "quota": "its tenant runs as many tasks as its quota allows",
+    "agent_limit": "the limit on running agents is reached",
+    "concurrency_key_full": "its concurrency key is at its limit",
+    "no_worker_fits": "no registered worker could hold its resource request",
+    "waiting_for_capacity": "it is at the front and holds a worker until enough is free there",
+    "waiting_for_retry": "an attempt failed; the retry policy waits before the next",
+    "dependency_unmet": "a task it depends on has not completed",
+}
+
+
+@app.command()
+def why(
+    task_id: Annotated[str, typer.Argument(help="Task or agent id.")],
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Why is this task where it is? The recorded reason (TaskBlocked, retries) and the
+    scheduler's live view: effective priority, what it waits for, tasks ahead of it."""
+    info = _run(_with_client(nats_url, data_dir, tenant, root, lambda c: c.why(task_id)))
+    if json_out:
+        _print_json(info)
+        return
+    status, live = info["status"], info["scheduler"] or {}
+    out.print(f"[bold]{task_id}[/bold] is [bold]{status}[/bold]", highlight=False)
+    reason = live.get("reason") or info.get("blocked_reason")
+    if status != "pending":
+        if live.get("worker_id"):
+            out.print(f"  placed on worker {live['worker_id']}", highlight=False)
+        if info.get("error"):
+            err_ = info["error"]
+            out.print(f"  error: {err_.get('type')}: {err_.get('message', '')}", highlight=False)
+        return
+    if reason:
+        out.print(f"  blocked: [yellow]{reason}[/yellow] - {WHY_TEXT.get(reason, '')}",
+                  highlight=False)  # fmt: skip
+        details = info.get("blocked_details") or {}
+        if details:
+            out.print(f"  details: {orjson.dumps(details).decode()}", highlight=False)
+    elif live.get("state") == "ready":
+        out.print(
+            f"  waiting for capacity: {live.get('ahead_in_group', 0)} task(s) of its group "
+            "are ahead of it",
+            highlight=False,
+        )
+    if info.get("not_before"):
+        out.print(f"  next attempt not before {info['not_before']}", highlight=False)
+    if "effective_priority" in live:
+        out.print(
+            f"  priority {info['priority']}, effective now {live['effective_priority']} (aging)",
+            highlight=False,
+        )
+    if live.get("workers") == 0:
+        out.print("  no worker is registered for this tenant", highlight=False)
+    if not info["scheduler"]:
+        out.print("  (no scheduler answered: the live view is missing)", highlight=False)
+
+
+@app.command()
+def redrive(
+    task_id: Annotated[str, typer.Argument(help="A failed or timed-out task's id.")],
+    reason: Annotated[str | None, typer.Option(help="Why (recorded in the event).")] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Run a failed or timed-out task again (re-drive from the dead-letter queue)."""
+    result = _run(
+        _with_client(nats_url, data_dir, tenant, root, lambda c: c.redrive_task(task_id, reason))
+    )
+    if json_out:
+        _print_json(result)
+    else:
+        print(f"{task_id} {result['status']}")
 
 
 @app.command("list")
@@ -477,6 +735,17 @@ def spawn(
     inactivity_timeout: Annotated[
         float | None, typer.Option(min=0, help="Minutes without activity before it times out.")
     ] = None,
+    fairness_key: FairnessKey = None,
+    concurrency_key: ConcurrencyKey = None,
+    concurrency_limit: ConcurrencyLimit = None,
+    retry_max_attempts: RetryAttempts = None,
+    retry_initial: RetryInitial = 1.0,
+    retry_backoff: RetryBackoff = 2.0,
+    retry_max_interval: RetryMaxInterval = 100.0,
+    non_retryable: NonRetryable = None,
+    schedule_to_start: ScheduleToStart = None,
+    start_to_close: StartToClose = None,
+    heartbeat_timeout: HeartbeatTimeout = None,
     json_out: Json = False,
     nats_url: NatsUrl = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
@@ -485,6 +754,11 @@ def spawn(
 ) -> None:
     """Spawn an agent with a prompt, files and delegates; prints the agent's id."""
     prio: str | int = int(priority) if priority.isdigit() else priority
+    options = _scheduling(
+        fairness_key, concurrency_key, concurrency_limit, retry_max_attempts, retry_initial,
+        retry_backoff, retry_max_interval, non_retryable, schedule_to_start, start_to_close,
+        heartbeat_timeout,
+    )  # fmt: skip
     result = _run(
         _with_client(
             nats_url,
@@ -502,6 +776,7 @@ def spawn(
                 inactivity_timeout=inactivity_timeout * 60
                 if inactivity_timeout is not None
                 else None,
+                options=options,
             ),
         )
     )

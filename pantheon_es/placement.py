@@ -92,6 +92,16 @@ class Policy:
     #: Workers held back for front jobs that do not fit yet.
     max_reservations: int = 1
 
+    def __post_init__(self) -> None:
+        if self.aging_per_s <= 0 or self.band <= 0:
+            raise ValueError("aging_per_s and band must be positive")
+        weights = [*self.tenant_weights.values(), *self.fairness_weights.values()]
+        if any(w <= 0 for w in weights):
+            raise ValueError("fair-share weights must be positive")
+        limits = [*self.concurrency_limits.values(), self.max_running_agents]
+        if any(n is not None and n < 1 for n in limits):
+            raise ValueError("limits must be at least 1")
+
     def quota(self, tenant: str) -> Quota:
         return self.tenant_quotas.get(tenant, self.default_quota)
 

@@ -200,9 +200,15 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(
+    nats_server: EmbeddedNats, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
     from pantheon_es.node import Node, NodeConfig
+    from pantheon_es.placement import Policy
     from pantheon_es.scheduler import SchedulerConfig
+
+    marker = request.node.get_closest_marker("policy")
+    policy = Policy(**marker.kwargs) if marker else Policy()
 
     root = f"c{secrets.token_hex(4)}"
     node = Node(
@@ -211,7 +217,7 @@ async def cluster(nats_server: EmbeddedNats, tmp_path: Path) -> AsyncIterator[Cl
             nats_url=nats_server.url,
             root=root,
             workers=0,
-            scheduler=SchedulerConfig(lease_ttl=2.0, inactivity_timeout=0),
+            scheduler=SchedulerConfig(lease_ttl=2.0, inactivity_timeout=0, policy=policy),
         )
     )
     await node.start()

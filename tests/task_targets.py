@@ -38,3 +38,15 @@ async def chat(ctx: Any, to: str | None = None, expect: int = 0) -> dict[str, An
         received += await ctx.inbox(10, 10.0)
     await ctx.heartbeat()
     return {"sent": sent, "received": [m["body"] for m in received]}
+
+
+def flaky(path: str, failures: int) -> int:
+    """Fail the first ``failures`` calls (counted in the file at ``path``), then succeed."""
+    from pathlib import Path
+
+    counter = Path(path)
+    calls = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(calls))
+    if calls <= failures:
+        raise RuntimeError(f"call {calls} fails")
+    return calls
