@@ -4,9 +4,18 @@ Anything that needs the full registries (the command service, the projector,
 schema export) imports this module once.
 """
 
-from pantheon_es import mailbox, retention, tasks, workers
+from pantheon_es import mailbox, retention, tasks, workers, workflows
 from pantheon_es.commands import COMMANDS
 from pantheon_es.domain import AGGREGATE_TYPES
 from pantheon_es.events import REGISTRY
 
-__all__ = ["AGGREGATE_TYPES", "COMMANDS", "REGISTRY", "mailbox", "retention", "tasks", "workers"]
+__all__ = [
+    "AGGREGATE_TYPES",
+    "COMMANDS",
+    "REGISTRY",
+    "mailbox",
+    "retention",
+    "tasks",
+    "workers",
+    "workflows",
+]

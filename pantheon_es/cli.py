@@ -1128,6 +1128,222 @@ def events(
 # -- demo -----------------------------------------------------------------------------------------
 
 
+# -- workflows ------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="Workflow file (.yaml, .yml or .json).")],
+    var: Annotated[
+        list[str] | None,
+        typer.Option("--var", help="NAME=VALUE substituted for {NAME} in the file (repeatable)."),
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Print the workflow id and return at once.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 3600,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes of an embedded node (no running node).")
+    ] = 2,
+    log_level: Annotated[
+        str, typer.Option(help="Log level of an embedded node: debug, info, warning, error.")
+    ] = "warning",
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Run a workflow (a DAG of tasks) from a YAML or JSON file, with live progress.
+
+    Prints the workflow id on stdout, shows progress on stderr until it ends, then the
+    results of its final tasks. Uses the `pantheon up` running on --data-dir (or
+    --nats-url); if there is none, starts an embedded node (nats-server, services and
+    --workers worker processes) for this run and stops it afterwards. Exit code 1 if the
+    workflow failed or was cancelled.
+
+    Example: `pantheon run examples/security-audit.yaml`
+    """
+    from pantheon_es import workflow_file
+
+    logs.configure(log_level)
+    variables = {
+        "workflow_dir": str(file.resolve().parent),
+        "cwd": str(Path.cwd()),
+        "data_dir": str(data_dir.resolve()),
+        **_pairs(var, "--var"),
+    }
+    try:
+        body = workflow_file.load(file, variables)
+    except PantheonError as exc:
+        raise _fail(exc) from None
+    embedded = False
+    if nats_url is None:
+        try:
+            discover(data_dir)
+        except UnavailableError:
+            embedded = True
+    if embedded and detach:
+        raise typer.BadParameter("--detach needs a running `pantheon up` (or --nats-url)")
+
+    async def go(c: PantheonClient) -> dict[str, Any]:
+        created = await c.create_workflow(
+            body["name"],
+            body["tasks"],
+            failure_policy=body["failure_policy"],
+            labels=body.get("labels"),
+        )
+        wf_id = created["workflow_id"]
+        if json_out and detach:
+            _print_json({"id": wf_id})
+        elif not json_out:
+            print(wf_id, flush=True)
+        if detach:
+            return {"status": "created", "workflow_id": wf_id}
+        return await _follow(c, wf_id, timeout, quiet=json_out)
+
+    if embedded:
+        final = _run(_embedded(data_dir, workers, tenant, go))
+    else:
+        final = _run(_with_client(nats_url, data_dir, tenant, root, go))
+    if json_out:
+        _print_json(final)
+    elif not detach:
+        from pantheon_es.workflow_file import leaf_results
+
+        err.print(f"workflow {final['id']} [bold]{final['status']}[/bold] in "
+                  f"{final.get('duration_s', 0):.2f}s", highlight=False)  # fmt: skip
+        for name, result in leaf_results(final).items():
+            shown = orjson.dumps(result).decode()
+            err.print(f"  {name}: {shown[:500]}", highlight=False, soft_wrap=True)
+    if final["status"] in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+async def _follow(c: PantheonClient, wf_id: str, timeout: float, quiet: bool) -> dict[str, Any]:
+    """Wait for the workflow, drawing its progress on stderr (unless quiet)."""
+    import time
+
+    from rich.live import Live
+
+    from pantheon_es.workflow_file import progress_view
+
+    if quiet:
+        return await c.wait_for_workflow(wf_id, timeout=timeout)
+    started = time.monotonic()
+    with Live(console=err, refresh_per_second=8, transient=False) as live:
+        final = await c.wait_for_workflow(
+            wf_id, timeout=timeout, on_change=lambda wf: live.update(progress_view(wf, started))
+        )
+        live.update(progress_view(final, started))
+    return final
+
+
+async def _embedded(
+    data_dir: Path, workers: int, tenant: str, fn: Callable[[PantheonClient], Awaitable[T]]
+) -> T:
+    """Run ``fn`` against a node started for it (embedded nats-server, local workers)."""
+    from pantheon_es.node import Node, NodeConfig
+
+    err.print(
+        f"no running `pantheon up` in {data_dir}: starting an embedded node with {workers} "
+        "worker(s) for this run",
+        highlight=False,
+    )
+    node = Node(NodeConfig(data_dir=data_dir, workers=workers))
+    await node.start()
+    runner = asyncio.create_task(node.run())
+    try:
+        assert node.nc is not None
+        client = PantheonClient(node.nc, tenant=tenant, subjects=node.subjects, actor=_actor())
+        for _ in range(600):  # the local workers register within a few seconds
+            if int((await client.list_workers(status=["active"]))["total"]) >= workers:
+                break
+            await asyncio.sleep(0.05)
+        return await fn(client)
+    finally:
+        node.request_stop()
+        await runner
+        err.print("embedded node stopped", highlight=False)
+
+
+workflow_app = typer.Typer(help="Inspect and cancel workflows.", no_args_is_help=True)
+app.add_typer(workflow_app, name="workflow")
+
+
+@workflow_app.command("show")
+def workflow_show(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """A workflow's state and every task's."""
+    import time
+
+    from pantheon_es.workflow_file import progress_view
+
+    wf = _run(_with_client(nats_url, data_dir, tenant, root, lambda c: c.get_workflow(workflow_id)))
+    if json_out:
+        _print_json(wf)
+    else:
+        out.print(progress_view(wf, time.monotonic() - wf.get("duration_s", 0), max_rows=1000))
+
+
+@workflow_app.command("cancel")
+def workflow_cancel(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+    reason: Annotated[str | None, typer.Option(help="Why (recorded).")] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Cancel a workflow: pending tasks are cancelled, running ones stopped."""
+    result = _run(
+        _with_client(
+            nats_url, data_dir, tenant, root, lambda c: c.cancel_workflow(workflow_id, reason)
+        )
+    )
+    if json_out:
+        _print_json(result)
+    else:
+        print(f"{workflow_id} {result['status']}")
+
+
+@workflow_app.command("list")
+def workflow_list(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Page size.")] = 20,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many.")] = 0,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Workflows, newest first."""
+    page = _run(
+        _with_client(
+            nats_url,
+            data_dir,
+            tenant,
+            root,
+            lambda c: c.query("workflow", "list", {"limit": limit, "offset": offset}),
+        )
+    )
+    if json_out:
+        _print_json(page)
+        return
+    table = Table("ID", "NAME", "STATUS", "TASKS", "CREATED", "FINISHED")
+    for w in page["items"]:
+        table.add_row(w["id"], w["name"], w["status"], str(w["total"]), w["created_at"],
+                      w["finished_at"] or "-")  # fmt: skip
+    out.print(table)
+
+
 @app.command()
 def demo(
     data_dir: Annotated[

@@ -26,7 +26,7 @@ from pantheon_es.subjects import Subjects
 log = structlog.get_logger(__name__)
 
 DISCOVERY_FILE = "pantheon.json"
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out"})
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out", "skipped"})
 
 
 def discover(data_dir: Path | str) -> dict[str, Any]:
@@ -303,6 +303,76 @@ class PantheonClient:
 
     async def list_tasks(self, **filters: Any) -> dict[str, Any]:
         return await self.query("task", "list", {k: v for k, v in filters.items() if v is not None})
+
+    # -- workflows --------------------------------------------------------------------------------
+    async def create_workflow(
+        self,
+        name: str,
+        tasks: list[dict[str, Any]],
+        *,
+        failure_policy: str = "fail_fast",
+        labels: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        workflow_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Create and start a workflow: ``tasks`` are WorkflowNode objects (name, executor,
+        depends_on, ...). Returns ``{"workflow_id", "tasks": {node: task_id}}``."""
+        body: dict[str, Any] = {"name": name, "tasks": tasks, "failure_policy": failure_policy}
+        _put(body, labels=labels, idempotency_key=idempotency_key, workflow_id=workflow_id)
+        return await self.command("workflow", "create", body)
+
+    async def cancel_workflow(self, workflow_id: str, reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"workflow_id": workflow_id}
+        _put(body, reason=reason)
+        return await self.command("workflow", "cancel", body)
+
+    async def get_workflow(self, workflow_id: str, *, nodes: bool = True) -> dict[str, Any]:
+        return await self.query("workflow", "get", {"workflow_id": workflow_id, "nodes": nodes})
+
+    async def wait_for_workflow(
+        self,
+        workflow_id: str,
+        *,
+        timeout: float = 600.0,
+        on_change: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> dict[str, Any]:
+        """The workflow once it finished; ``on_change(state)`` after each change of its tasks.
+
+        Woken by the notices of committed task events of the tenant (no fixed-interval
+        polling), with a 1 s safety re-check.
+        """
+        wake = asyncio.Event()
+
+        async def on_notice(_msg: Any) -> None:
+            wake.set()
+
+        subs = [
+            await self.nc.subscribe(self.subjects.changed(self.tenant, "workflow", workflow_id),
+                                    cb=on_notice),
+            await self.nc.subscribe(self.subjects.changed(self.tenant, "task"), cb=on_notice),
+        ]  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while True:
+                wake.clear()
+                state = await self.get_workflow(workflow_id, nodes=on_change is not None)
+                if on_change is not None:
+                    on_change(state)
+                if state["status"] in ("completed", "failed", "cancelled"):
+                    return state if on_change is not None else await self.get_workflow(workflow_id)
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise UnavailableError(
+                        f"workflow {workflow_id} still {state['status']} after {timeout}s",
+                        retry_after=1.0,
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(remaining, 1.0))
+                await asyncio.sleep(0.05)  # let a burst of notices settle into one query
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def monitor(self) -> dict[str, Any]:
         return await self.query("task", "monitor", {})

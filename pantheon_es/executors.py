@@ -104,6 +104,8 @@ class TaskContext:
     mark_activity: Callable[[], None]
     add_pid: Callable[[int], None]
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: A workflow task's dependencies' results by node name (None outside workflows).
+    inputs: dict[str, Any] | None = None
 
     def env(self) -> dict[str, str]:
         """Environment variables a child process gets so it can talk to Pantheon."""
@@ -532,6 +534,11 @@ class PythonTaskContext:
         return self._ctx.task_id
 
     @property
+    def inputs(self) -> dict[str, Any]:
+        """A workflow task's dependencies' results by node name (empty outside workflows)."""
+        return dict(self._ctx.inputs or {})
+
+    @property
     def attempt(self) -> int:
         return self._ctx.attempt
 
@@ -653,8 +660,12 @@ def resolve_target(target: str) -> Callable[..., Any]:
 
 
 def _wants_ctx(func: Callable[..., Any]) -> bool:
+    return _accepts(func, "ctx")
+
+
+def _accepts(func: Callable[..., Any], name: str) -> bool:
     try:
-        parameter = inspect.signature(func).parameters.get("ctx")
+        parameter = inspect.signature(func).parameters.get(name)
     except (TypeError, ValueError):  # no signature (some builtins)
         return False
     return parameter is not None and parameter.kind in (
@@ -784,6 +795,8 @@ class PythonExecutor:
                     "InvalidSpec", "kwargs may not contain 'ctx': the function takes the context"
                 )
             kwargs["ctx"] = task_ctx
+        if ctx.inputs is not None and "inputs" not in kwargs and _accepts(func, "inputs"):
+            kwargs["inputs"] = dict(ctx.inputs)  # a workflow's results of the dependencies
         try:
             if inspect.iscoroutinefunction(func):
                 value = await func(**kwargs)

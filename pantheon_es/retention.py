@@ -31,7 +31,7 @@ from pantheon_es.tasks import ArchiveTask
 
 log = structlog.get_logger(__name__)
 
-FINISHED = ("completed", "failed", "cancelled", "timed_out")
+FINISHED = ("completed", "failed", "cancelled", "timed_out", "skipped")
 FINISHING_EVENTS = frozenset({"TaskCompleted", "TaskFailed", "TaskTimedOut", "TaskCancelled"})
 
 

@@ -38,7 +38,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
-from pantheon_es.errors import OverloadedError, PantheonError
+from pantheon_es.errors import ConflictError, OverloadedError, PantheonError
 from pantheon_es.events import REGISTRY, Event, EventRecord
 from pantheon_es.placement import Amount, Job, Placement, Policy
 from pantheon_es.service import CommandService
@@ -48,16 +48,27 @@ from pantheon_es.tasks import (
     LIVE,
     TASK,
     BlockTask,
+    CancelTask,
     ExpireLease,
     GrantLease,
     Lease,
+    SkipTask,
     SpawnAgent,
     SubmitTask,
+    SubmitWorkflowTask,
     TaskState,
     TaskStatus,
     TimeOutTask,
 )
 from pantheon_es.workers import WORKER, Capacity, LoseWorker, WorkerState, WorkerStatus
+from pantheon_es.workflows import (
+    WORKFLOW,
+    CreateWorkflow,
+    FinishWorkflow,
+    NodeSpec,
+    StartWorkflow,
+    WorkflowState,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -82,10 +93,52 @@ class LiveTask:
     spec: dict[str, Any]  # name, executor, labels: what an offer carries
     last_activity: datetime  # messages included
     granting: bool = False
+    #: workflow tasks: dependencies (task ids) that have not completed yet
+    waiting: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> Key:
         return (self.tenant, self.state.task_id)
+
+
+@dataclass(slots=True)
+class LiveWorkflow:
+    """A workflow that has not finished: its graph and the outcomes of its nodes so far."""
+
+    tenant: str
+    state: WorkflowState
+    seq: int
+    node_of: dict[str, str]  # task id -> node name
+    deps: dict[str, tuple[str, ...]]  # task id -> the task ids it depends on
+    dependents: dict[str, list[str]]
+    outcome: dict[str, str] = field(default_factory=dict)  # task id -> terminal status
+    results: dict[str, Any] = field(default_factory=dict)  # task id -> result (completed)
+    failing: bool = False  # fail_fast was triggered
+    finishing: bool = False
+
+    @classmethod
+    def of(cls, tenant: str, state: WorkflowState, seq: int) -> LiveWorkflow:
+        deps = {n.task_id: tuple(n.depends_on) for n in state.nodes}
+        dependents: dict[str, list[str]] = {}
+        for task_id, ds in deps.items():
+            for d in ds:
+                dependents.setdefault(d, []).append(task_id)
+        return cls(tenant, state, seq, {n.task_id: n.name for n in state.nodes}, deps, dependents)
+
+    @property
+    def stopping(self) -> bool:
+        return self.failing or self.state.cancel_requested
+
+    def downstream(self, task_id: str) -> set[str]:
+        """Every task that depends on ``task_id``, directly or not."""
+        seen: set[str] = set()
+        todo = list(self.dependents.get(task_id, ()))
+        while todo:
+            t = todo.pop()
+            if t not in seen:
+                seen.add(t)
+                todo.extend(self.dependents.get(t, ()))
+        return seen
 
 
 @dataclass(slots=True)
@@ -99,7 +152,16 @@ class LiveWorker:
         return self.state.status == WorkerStatus.ACTIVE
 
 
-_FINISHING = frozenset({"TaskCompleted", "TaskFailed", "TaskCancelled", "TaskTimedOut"})
+_FINISHING = frozenset(
+    {"TaskCompleted", "TaskFailed", "TaskCancelled", "TaskTimedOut", "TaskSkipped"}
+)
+_FINISHED_STATUS = {
+    "TaskCompleted": "completed",
+    "TaskFailed": "failed",
+    "TaskCancelled": "cancelled",
+    "TaskTimedOut": "timed_out",
+    "TaskSkipped": "skipped",
+}
 
 
 def _submitted_state(record: EventRecord) -> TaskState:
@@ -119,6 +181,9 @@ def _submitted_state(record: EventRecord) -> TaskState:
         max_attempts=d.get("max_attempts", 3),
         options=_options(d),
         pending_since=at,
+        workflow_id=d.get("workflow_id"),
+        node=d.get("node"),
+        depends_on=tuple(d.get("depends_on") or ()),
     )
 
 
@@ -168,6 +233,8 @@ class Scheduler:
         self.placement = Placement(self.config.policy)
         self.tasks: dict[Key, LiveTask] = {}
         self.workers: dict[Key, LiveWorker] = {}
+        self.workflows: dict[Key, LiveWorkflow] = {}
+        self._resumed = False  # workflows picked up where the last run left them
         self.position = 0
         self._ready_at = 0  # act only once the log is read up to here
         self._heap: list[tuple[datetime, int, str, Key, str]] = []
@@ -200,9 +267,11 @@ class Scheduler:
             "SELECT tenant, id, status, name, priority, resources, executor_kind, executor, "
             "labels, submitted_at, last_activity_at, inactivity_timeout, max_attempts, attempt, "
             "lease_id, worker_id, fencing_token, lease_expires_at, lease_ttl, started_at, version, "
-            "task_seq, options, pending_since, blocked_reason, not_before, attempts_base "
+            "task_seq, options, pending_since, blocked_reason, not_before, attempts_base, "
+            "workflow_id, node, depends_on "
             f"FROM tasks WHERE status IN ({live}) ORDER BY id"
         ).fetchall()
+        self._bootstrap_workflows(db)
         workers = db.execute(
             "SELECT tenant, id, incarnation, status, capacity, slots, labels, ttl, expires_at, "
             "registered_at, last_seq FROM workers WHERE status IN ('active', 'draining')"
@@ -226,7 +295,7 @@ class Scheduler:
             (tenant, task_id, status, name, priority, resources, kind, executor, labels, submitted,
              last_activity, timeout, max_attempts, attempt, lease_id, worker_id, token, expires,
              ttl, started, version, task_seq, options, pending_since, blocked, not_before,
-             attempts_base) = r  # fmt: skip
+             attempts_base, workflow_id, node, depends_on) = r  # fmt: skip
             lease = None
             if lease_id:
                 lease = Lease(
@@ -252,6 +321,9 @@ class Scheduler:
                 blocked=blocked,
                 not_before=_ts(not_before),
                 attempts_base=attempts_base,
+                workflow_id=workflow_id,
+                node=node,
+                depends_on=tuple(orjson.loads(depends_on)),
             )
             spec = {
                 "name": name,
@@ -266,6 +338,41 @@ class Scheduler:
             position=position,
             head=head,
         )
+
+    def _bootstrap_workflows(self, db: Any) -> None:
+        rows = db.execute(
+            "SELECT tenant, id, name, status, failure_policy, nodes, created_at, "
+            "cancel_requested_at, last_seq FROM workflows "
+            "WHERE status IN ('created', 'running', 'cancelling')"
+        ).fetchall()
+        for tenant, wf_id, name, status, policy, nodes, created, cancel_at, seq in rows:
+            specs = tuple(
+                NodeSpec(name=n["name"], task_id=n["task_id"], depends_on=n["depends_on"], spec={})
+                for n in orjson.loads(nodes)
+            )
+            state = WorkflowState(
+                workflow_id=wf_id,
+                name=name,
+                status="running" if status == "cancelling" else status,
+                failure_policy=policy,
+                nodes=specs,
+                created_at=datetime.fromisoformat(created),
+                cancel_requested=cancel_at is not None,
+            )
+            wf = LiveWorkflow.of(tenant, state, seq)
+            finished = ", ".join(f"'{s}'" for s in _FINISHED_STATUS.values())
+            for task_id, task_status, result in db.execute(
+                f"SELECT id, status, result FROM tasks WHERE tenant = ? AND workflow_id = ? "
+                f"AND status IN ({finished})",
+                (tenant, wf_id),
+            ).fetchall():
+                wf.outcome[task_id] = task_status
+                if task_status == "completed":
+                    wf.results[task_id] = orjson.loads(result) if result else None
+            wf.failing = wf.state.failure_policy == "fail_fast" and any(
+                v != "completed" for v in wf.outcome.values()
+            )
+            self.workflows[(tenant, wf_id)] = wf
 
     # -- input -------------------------------------------------------------------------------------
     def feed(self, records: list[EventRecord]) -> None:
@@ -283,18 +390,24 @@ class Scheduler:
         The bound can be passed by the submits in flight at that moment (at most the
         command service's concurrency), never by more.
         """
-        if not isinstance(command, (SubmitTask, SpawnAgent)):
+        if isinstance(command, SubmitWorkflowTask):
+            return  # admitted with its workflow
+        if isinstance(command, CreateWorkflow):
+            adding = len(command.tasks)
+        elif isinstance(command, (SubmitTask, SpawnAgent)):
+            adding = 1
+        else:
             return
         bound = self.config.policy.quota(tenant).max_pending
         if bound is None:
             return
         pending = len(self._pending.get(tenant, ()))
-        if pending < bound:
+        if pending + adding <= bound:
             return
         raise OverloadedError(
             f"tenant {tenant} has {pending} pending tasks (bound {bound}); retry later",
             details={"tenant": tenant, "pending": pending, "max_pending": bound},
-            retry_after=self._retry_after(tenant, pending - bound + 1),
+            retry_after=self._retry_after(tenant, pending + adding - bound),
         )
 
     def _retry_after(self, tenant: str, excess: int) -> float:
@@ -339,6 +452,9 @@ class Scheduler:
             for record in records:
                 self._apply(record)
             if self.ready:
+                if not self._resumed:
+                    self._resumed = True
+                    self._resume_workflows()
                 self._fire_due()
                 if self._place_needed:
                     self._place_needed = False
@@ -363,6 +479,8 @@ class Scheduler:
             self._apply_task(record)
         elif aggregate == "worker":
             self._apply_worker(record)
+        elif aggregate == "workflow":
+            self._apply_workflow(record)
         elif aggregate == "mailbox" and record.type == "MessageSent":
             at = datetime.fromisoformat(record.occurred_at)
             self._touch((record.tenant, record.aggregate_id), at)
@@ -397,6 +515,8 @@ class Scheduler:
                 reason = "cancelled" if record.type == "TaskCancelled" else "timed_out"
                 self._stop_on_worker(task, lease, reason)
             self._forget(task)
+            if task.state.workflow_id is not None:
+                self._node_finished(task, record)
             return
         old = task.state
         task.state = TASK.evolve(old, self._typed(record))
@@ -453,6 +573,14 @@ class Scheduler:
     def _add_task(self, tenant: str, state: TaskState, seq: int, spec: dict[str, Any]) -> None:
         task = LiveTask(tenant, state, seq, spec, state.last_activity_at)
         self.tasks[task.key] = task
+        wf = self.workflows.get((tenant, state.workflow_id)) if state.workflow_id else None
+        if wf is not None and state.status == TaskStatus.PENDING:
+            broken = [d for d in state.depends_on if wf.outcome.get(d, "completed") != "completed"]
+            task.waiting = {d for d in state.depends_on if wf.outcome.get(d) != "completed"}
+            if broken:
+                self._skip(task, wf, broken[0])
+            elif wf.stopping:
+                self._decide(task, CancelTask(task_id=state.task_id, reason=self._why_stop(wf)))
         if state.status == TaskStatus.PENDING:
             self._make_pending(task)
             job = self.placement.jobs.get(task.key)
@@ -484,6 +612,12 @@ class Scheduler:
         """The task is pending: placeable now, or once its retry is due."""
         self._set_pending(task, True)
         self.placement.remove(task.key)  # frees what an ended lease held
+        if task.waiting:
+            return  # held until its dependencies complete
+        if task.state.workflow_id is not None:
+            wf = self.workflows.get((task.tenant, task.state.workflow_id))
+            if wf is not None and wf.stopping:
+                return  # its cancellation is on the way
         not_before = task.state.not_before
         if not_before is not None and not_before > datetime.now(UTC):
             self._push(not_before, "retry", task.key, not_before.isoformat())
@@ -714,9 +848,138 @@ class Scheduler:
             "ttl": ttl,
             **task.spec,
         }
+        if task.state.depends_on:
+            wf = self.workflows.get((task.tenant, task.state.workflow_id or ""))
+            if wf is not None:
+                offer["inputs"] = {
+                    wf.node_of.get(d, d): wf.results.get(d) for d in task.state.depends_on
+                }
         await self.nc.publish(
             self.subjects.work(task.tenant, worker.state.worker_id), orjson.dumps(offer)
         )
+
+    # -- workflows ---------------------------------------------------------------------------------
+    def _apply_workflow(self, record: EventRecord) -> None:
+        key = (record.tenant, record.aggregate_id)
+        wf = self.workflows.get(key)
+        if record.type == "WorkflowCreated":
+            if wf is None:
+                state = WORKFLOW.evolve(None, self._typed(record))
+                self.workflows[key] = LiveWorkflow.of(record.tenant, state, record.seq)
+                if self._resumed:
+                    self._spawn(self._materialize(record.tenant, record.aggregate_id))
+            return
+        if wf is None or record.seq <= wf.seq:
+            return
+        wf.state = WORKFLOW.evolve(wf.state, self._typed(record))
+        wf.seq = record.seq
+        if record.type == "WorkflowFinished":
+            del self.workflows[key]
+        elif record.type == "WorkflowCancelRequested":
+            self._stop_workflow(wf, except_downstream_of=None)
+            self._check_finished(wf)
+
+    def _resume_workflows(self) -> None:
+        """After start-up: finish creating tasks, and finish workflows whose nodes all ended."""
+        for (tenant, wf_id), wf in list(self.workflows.items()):
+            if wf.state.status == "created":
+                self._spawn(self._materialize(tenant, wf_id))
+            self._check_finished(wf)
+
+    async def _materialize(self, tenant: str, workflow_id: str) -> None:
+        """Create every node's task (an existing one is a harmless conflict), then start."""
+        history = await self.service.store.read_aggregate(tenant, "workflow", workflow_id)
+        if not history:
+            return
+        created = history[0].event
+        gate = asyncio.Semaphore(32)
+
+        async def submit(node: NodeSpec) -> None:
+            command = SubmitWorkflowTask.model_validate(
+                {
+                    **node.spec,
+                    "name": node.name,
+                    "task_id": node.task_id,
+                    "workflow_id": workflow_id,
+                    "node": node.name,
+                    "depends_on": node.depends_on,
+                    "correlation_id": created.correlation_id,
+                    "actor": created.actor,
+                }
+            )
+            async with gate:
+                with contextlib.suppress(ConflictError):  # created by an earlier run
+                    await self.service.execute(tenant, command, known=(None, 0))
+
+        try:
+            await asyncio.gather(*(submit(n) for n in created.data.nodes))
+        except PantheonError as err:
+            log.warning("workflow tasks not all created", workflow_id=workflow_id, error=str(err))
+            return
+        wf = self.workflows.get((tenant, workflow_id))
+        if wf is not None:
+            await self._execute(tenant, StartWorkflow(workflow_id=workflow_id), (wf.state, wf.seq))
+
+    @staticmethod
+    def _why_stop(wf: LiveWorkflow) -> str:
+        if wf.state.cancel_requested:
+            return "workflow cancelled"
+        return "fail_fast: another task of the workflow did not complete"
+
+    def _skip(self, task: LiveTask, wf: LiveWorkflow, dependency: str) -> None:
+        node = wf.node_of.get(dependency, dependency)
+        status = wf.outcome.get(dependency, "failed")
+        command = SkipTask(
+            task_id=task.state.task_id,
+            dependency=dependency,
+            reason=f"dependency {node} ended {status}",
+        )
+        self._decide(task, command)
+
+    def _stop_workflow(self, wf: LiveWorkflow, except_downstream_of: str | None) -> None:
+        """Cancel every live node (the dependents of a failure are skipped instead)."""
+        spare = wf.downstream(except_downstream_of) if except_downstream_of else set()
+        reason = self._why_stop(wf)
+        for task_id in wf.node_of:
+            if task_id in wf.outcome or task_id in spare:
+                continue
+            task = self.tasks.get((wf.tenant, task_id))
+            if task is not None:
+                self._decide(task, CancelTask(task_id=task_id, reason=reason))
+
+    def _node_finished(self, task: LiveTask, record: EventRecord) -> None:
+        wf = self.workflows.get((task.tenant, task.state.workflow_id or ""))
+        if wf is None:
+            return
+        task_id = task.state.task_id
+        status = _FINISHED_STATUS[record.type]
+        wf.outcome[task_id] = status
+        if status == "completed":
+            wf.results[task_id] = record.data.get("result")
+        for dependent in wf.dependents.get(task_id, ()):
+            other = self.tasks.get((task.tenant, dependent))
+            if other is None or other.state.status != TaskStatus.PENDING:
+                continue  # not created yet: it looks at the outcomes when it is
+            if status == "completed":
+                other.waiting.discard(task_id)
+                if not other.waiting and not wf.stopping:
+                    self._make_pending(other)
+            else:
+                self._skip(other, wf, task_id)
+        if status != "completed" and wf.state.failure_policy == "fail_fast" and not wf.stopping:
+            wf.failing = True
+            self._stop_workflow(wf, except_downstream_of=task_id)
+        self._check_finished(wf)
+
+    def _check_finished(self, wf: LiveWorkflow) -> None:
+        if wf.finishing or len(wf.outcome) < len(wf.node_of):
+            return
+        wf.finishing = True
+        counts: dict[str, int] = {}
+        for status in wf.outcome.values():
+            counts[status] = counts.get(status, 0) + 1
+        command = FinishWorkflow(workflow_id=wf.state.workflow_id, counts=counts)
+        self._spawn(self._execute(wf.tenant, command, (wf.state, wf.seq)))
 
     def _stop_on_worker(self, task: LiveTask, lease: Lease, reason: str) -> None:
         message = {

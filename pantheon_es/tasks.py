@@ -9,6 +9,7 @@ Life of a task (an agent is a task whose executor is ``agent``)::
        +---RetryScheduled (a failure, retry policy allows; waits until not_before)
     any non-terminal --TaskCancelled--> cancelled
     pending --TaskTimedOut (schedule_to_start)--> timed_out
+    pending --TaskSkipped (a workflow dependency did not complete)--> skipped
     failed/timed_out --TaskRedriven--> pending       (failed tasks are the dead-letter queue)
     terminal --TaskArchived--> (gone from read models)
 
@@ -60,10 +61,17 @@ class TaskStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    SKIPPED = "skipped"  # a workflow task whose dependency did not complete
 
 
 TERMINAL = frozenset(
-    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT}
+    {
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.CANCELLED,
+        TaskStatus.TIMED_OUT,
+        TaskStatus.SKIPPED,
+    }
 )
 LIVE = frozenset({TaskStatus.PENDING, TaskStatus.LEASED, TaskStatus.RUNNING})
 
@@ -192,6 +200,14 @@ class ReleaseTask(_LeaseReport, aggregate="task", verb="release"):
     reason: Reason = "released by worker"
 
 
+class SubmitWorkflowTask(SubmitTask):
+    """Internal: a workflow's node becomes a task (the scheduler creates them)."""
+
+    workflow_id: str
+    node: str
+    depends_on: list[str] = Field(default_factory=list)  # task ids
+
+
 class RedriveTask(Command, aggregate="task", verb="redrive"):
     """Run a failed or timed-out task again (the dead-letter queue's re-drive).
 
@@ -255,6 +271,17 @@ class TimeOutTask(Command, aggregate="task"):
         return self.task_id
 
 
+class SkipTask(Command, aggregate="task"):
+    """Internal: a workflow dependency of this pending task did not complete."""
+
+    task_id: TaskId
+    dependency: str
+    reason: str
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
 class BlockTask(Command, aggregate="task"):
     """Record why a pending task cannot be placed (only when the reason changes)."""
 
@@ -280,6 +307,9 @@ class TaskSubmitted(
     idempotency_key: str | None = None
     inactivity_timeout: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    workflow_id: str | None = None
+    node: str | None = None
+    depends_on: list[str] = Field(default_factory=list)
 
 
 class LeaseGranted(EventData, type_name="LeaseGranted", version=1, aggregate="task"):
@@ -344,6 +374,13 @@ class TaskTimedOut(EventData, type_name="TaskTimedOut", version=1, aggregate="ta
     timeout: float
     last_activity_at: datetime
     kind: str = "inactivity"
+
+
+class TaskSkipped(EventData, type_name="TaskSkipped", version=1, aggregate="task"):
+    """A workflow task that will not run: a dependency failed, was cancelled or skipped."""
+
+    dependency: str
+    reason: str
 
 
 class TaskBlocked(EventData, type_name="TaskBlocked", version=1, aggregate="task"):
@@ -417,6 +454,9 @@ class TaskState:
     blocked: str | None = None  # the last TaskBlocked reason, while pending
     not_before: datetime | None = None  # a scheduled retry's earliest start
     attempts_base: int = 0  # ``attempt`` at the last redrive
+    workflow_id: str | None = None
+    node: str | None = None
+    depends_on: tuple[str, ...] = ()
 
     @property
     def terminal(self) -> bool:
@@ -549,6 +589,11 @@ def _cancelled(data: TaskCancelled, state: TaskState, event: Event[Any]) -> Task
 
 
 @_apply.register
+def _skipped(data: TaskSkipped, state: TaskState, event: Event[Any]) -> TaskState:
+    return _finish(state, TaskStatus.SKIPPED, event)
+
+
+@_apply.register
 def _archived(data: TaskArchived, state: TaskState, event: Event[Any]) -> TaskState:
     return replace(state, archived=True)
 
@@ -570,6 +615,9 @@ def evolve(state: TaskState | None, event: Event[Any]) -> TaskState:
             max_attempts=data.max_attempts,
             options=data.options(),
             pending_since=event.occurred_at,
+            workflow_id=data.workflow_id,
+            node=data.node,
+            depends_on=tuple(data.depends_on),
         )
     if state is None:
         raise InternalError(f"{event.type} before TaskSubmitted for {event.aggregate_id}")
@@ -645,6 +693,15 @@ def _submitted(command: SubmitTask | SpawnAgent, executor: Any) -> TaskSubmitted
         inactivity_timeout=command.inactivity_timeout,
         max_attempts=command.max_attempts,
         **command.options().model_dump(exclude_defaults=True),
+        **(
+            {
+                "workflow_id": command.workflow_id,
+                "node": command.node,
+                "depends_on": command.depends_on,
+            }
+            if isinstance(command, SubmitWorkflowTask)
+            else {}
+        ),
     )
 
 
@@ -879,6 +936,15 @@ def _redrive(command: RedriveTask, state: TaskState | None, ctx: DecideContext) 
         )
     event = TaskRedriven(previous_status=task.status.value, reason=command.reason)
     return Decision([event], {"task_id": task.task_id, "status": "pending", "changed": True})
+
+
+@_decide.register
+def _skip(command: SkipTask, state: TaskState | None, ctx: DecideContext) -> Decision:
+    task = _require(state, command.task_id)
+    if task.status != TaskStatus.PENDING:
+        return Decision([], _status(task, changed=False))
+    event = TaskSkipped(dependency=command.dependency, reason=command.reason)
+    return Decision([event], {"task_id": task.task_id, "status": "skipped"})
 
 
 @_decide.register

@@ -38,6 +38,7 @@ from projections.base import Batch, ReadModel, Row, Table
 from projections.messages import MessagesModel
 from projections.tasks import TasksModel
 from projections.workers import WorkersModel
+from projections.workflows import WorkflowsModel
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,7 @@ def schema_digest(tables: Sequence[Table]) -> str:
 
 def default_models() -> list[ReadModel]:
     """Every read model, in the order they are applied."""
-    return [TasksModel(), MessagesModel(), WorkersModel()]
+    return [TasksModel(), MessagesModel(), WorkersModel(), WorkflowsModel()]
 
 
 #: Rows written per executemany call; the loop gets a turn between chunks.

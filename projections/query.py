@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from pantheon_es.endpoint import invalid, parse_body, respond, route
 from pantheon_es.errors import UnavailableError
 from pantheon_es.store import EventStore
-from projections import messages, tasks, workers
+from projections import messages, tasks, workers, workflows
 from projections.base import Queries
 from projections.projector import Projector, connect
 
@@ -35,7 +35,12 @@ log = structlog.get_logger(__name__)
 QUEUE_GROUP = "pantheon-query"
 
 #: (model, verb) -> (body model, function), from every read model module
-QUERIES: Queries = {**tasks.QUERIES, **messages.QUERIES, **workers.QUERIES}
+QUERIES: Queries = {
+    **tasks.QUERIES,
+    **messages.QUERIES,
+    **workers.QUERIES,
+    **workflows.QUERIES,
+}
 
 
 @dataclass(frozen=True, slots=True)

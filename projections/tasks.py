@@ -34,6 +34,7 @@ from pantheon_es.tasks import (
     TaskId,
     TaskProgressed,
     TaskRedriven,
+    TaskSkipped,
     TaskStarted,
     TaskStatus,
     TaskSubmitted,
@@ -53,7 +54,7 @@ from projections.base import (
 
 MODEL = "task"
 LIVE = ("pending", "leased", "running")
-FINISHED = ("completed", "failed", "cancelled", "timed_out")
+FINISHED = ("completed", "failed", "cancelled", "timed_out", "skipped")
 #: A live agent with no activity for this long counts as idle in summaries.
 IDLE_AFTER_S = 300.0
 
@@ -101,13 +102,25 @@ TASKS = Table(
         "blocked_details",
         "not_before",
         "attempts_base",
+        "workflow_id",
+        "node",
+        "depends_on",
         "version",
         "task_seq",
         "last_seq",
     ),
     key=("tenant", "id"),
     json_columns=frozenset(
-        {"executor", "resources", "labels", "result", "error", "options", "blocked_details"}
+        {
+            "executor",
+            "resources",
+            "labels",
+            "result",
+            "error",
+            "options",
+            "blocked_details",
+            "depends_on",
+        }
     ),
     ddl="""
     CREATE TABLE IF NOT EXISTS tasks (
@@ -152,6 +165,9 @@ TASKS = Table(
         blocked_details TEXT,
         not_before TEXT,
         attempts_base INTEGER NOT NULL,
+        workflow_id TEXT,
+        node TEXT,
+        depends_on TEXT NOT NULL,
         version INTEGER NOT NULL,
         task_seq INTEGER NOT NULL,
         last_seq INTEGER NOT NULL,
@@ -159,6 +175,8 @@ TASKS = Table(
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS tasks_tenant_status ON tasks (tenant, status, id);
     CREATE INDEX IF NOT EXISTS tasks_tenant_kind ON tasks (tenant, executor_kind, status);
+    CREATE INDEX IF NOT EXISTS tasks_workflow ON tasks (tenant, workflow_id)
+        WHERE workflow_id IS NOT NULL;
     """,
 )
 
@@ -232,10 +250,13 @@ class TasksModel(ReadModel):
                     k: d[k] for k in SchedulingOptions.model_fields if d.get(k) is not None
                 },
                 "pending_since": at,
-                "blocked_reason": None,
-                "blocked_details": None,
+                "blocked_reason": "dependency_unmet" if d.get("depends_on") else None,
+                "blocked_details": {"depends_on": d["depends_on"]} if d.get("depends_on") else None,
                 "not_before": None,
                 "attempts_base": 0,
+                "workflow_id": d.get("workflow_id"),
+                "node": d.get("node"),
+                "depends_on": d.get("depends_on") or [],
                 "version": 1,
                 "task_seq": ev.seq,
                 "last_seq": ev.seq,
@@ -395,6 +416,13 @@ class TasksModel(ReadModel):
         }  # fmt: skip
         self._finish(uow, ev, "timed_out", error=error)
 
+    @handles(TaskSkipped, load=aggregate_row(TASKS))
+    def skipped(self, uow: Batch, ev: EventRecord) -> None:
+        d = ev.data
+        error = {"type": "DependencyNotCompleted", "message": d["reason"],
+                 "details": {"dependency": d["dependency"]}}  # fmt: skip
+        self._finish(uow, ev, "skipped", error=error)
+
     @handles(TaskCancelled, load=aggregate_row(TASKS))
     def cancelled(self, uow: Batch, ev: EventRecord) -> None:
         self._finish(uow, ev, "cancelled", cancel_reason=ev.data.get("reason"))
@@ -450,6 +478,7 @@ class GetTask(_Query):
 
 class ListTasks(_Query):
     status: list[TaskStatus] | None = None
+    workflow_id: TaskId | None = Field(None, description="Only the tasks of this workflow.")
     kind: Literal["agent", "task"] | None = Field(
         None, description="agent: executor 'agent' only; task: every other executor."
     )
@@ -514,6 +543,9 @@ def _where(tenant: str, query: ListTasks) -> tuple[str, list[Any]]:
         where.append("executor_kind = 'agent'")
     elif query.kind == "task":
         where.append("executor_kind != 'agent'")
+    if query.workflow_id is not None:
+        where.append("workflow_id = ?")
+        params.append(query.workflow_id)
     if query.name is not None:
         where.append("name = ?")
         params.append(query.name)

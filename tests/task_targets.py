@@ -50,3 +50,12 @@ def flaky(path: str, failures: int) -> int:
     if calls <= failures:
         raise RuntimeError(f"call {calls} fails")
     return calls
+
+
+def emit(value: Any) -> Any:
+    return value
+
+
+def total(inputs: dict[str, Any]) -> Any:
+    """A fan-in: the sum of the dependencies' results (a workflow passes ``inputs``)."""
+    return sum(inputs.values())

@@ -1,0 +1,224 @@
+"""Workflows: validation (pure) and DAGs run end to end on the real stack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pantheon_es.errors import InvalidError
+from pantheon_es.workflows import WorkflowNode, find_cycle, validate_graph
+from tests.conftest import Cluster, eventually
+
+PY = "tests.task_targets"
+
+
+def python(target: str, **kwargs: Any) -> dict[str, Any]:
+    return {"kind": "python", "target": f"{PY}:{target}", "kwargs": kwargs}
+
+
+def node(name: str, *deps: str, **extra: Any) -> dict[str, Any]:
+    spec = extra.pop("executor", python("noop"))
+    return {"name": name, "executor": spec, "depends_on": list(deps), **extra}
+
+
+# -- validation, pure ---------------------------------------------------------------------------
+
+
+def test_find_cycle_names_the_cycle_and_accepts_a_dag() -> None:
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"], "d": []}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": [], "b": ["a"], "c": ["a", "b"]}) is None
+    deep = {f"n{i}": [f"n{i + 1}"] for i in range(20_000)}  # no recursion limit
+    assert find_cycle(deep) is None
+    deep["n20000"] = ["n0"]
+    cycle = find_cycle(deep)
+    assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 20_002
+
+
+@pytest.mark.parametrize(
+    ("nodes", "message", "details"),
+    [
+        (
+            [node("a", "c"), node("b", "a"), node("c", "b")],
+            "cycle: a -> c -> b -> a",
+            {"cycle": ["a", "c", "b", "a"]},
+        ),
+        ([node("a", "ghost")], "depends on 'ghost'", {"task": "a", "unknown_dependency": "ghost"}),
+        ([node("a"), node("a")], "used twice", {"duplicate": "a"}),
+        ([node("a", "a")], "depends on itself", {"cycle": ["a", "a"]}),
+    ],
+)
+def test_invalid_graphs_are_refused_naming_the_culprit(
+    nodes: list[dict[str, Any]], message: str, details: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidError) as refused:
+        validate_graph([WorkflowNode.model_validate(n) for n in nodes])
+    assert message in refused.value.message
+    assert refused.value.details == details
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+async def started(cluster: Cluster, workflow_id: str) -> None:
+    """Every task of the workflow exists (they are created just after the reply)."""
+
+    async def check() -> bool:
+        wf = await cluster.client.get_workflow(workflow_id, nodes=False)
+        return wf["status"] != "created"
+
+    await eventually(check, timeout=10)
+
+
+async def test_cycle_is_refused_by_the_service_and_nothing_is_appended(cluster: Cluster) -> None:
+    assert cluster.node.store is not None
+    before = await cluster.node.store.last_seq()
+    with pytest.raises(InvalidError) as refused:
+        await cluster.client.create_workflow("loop", [node("a", "b"), node("b", "a")])
+    assert "a -> b -> a" in refused.value.message
+    assert await cluster.node.store.last_seq() == before
+
+
+async def test_diamond_passes_results_to_dependents_in_python_and_shell(cluster: Cluster) -> None:
+    await cluster.add_worker(worker_id="w1")
+    shell = {"kind": "shell", "argv": ["sh", "-c", 'printf "%s|" "$PANTHEON_INPUT_LEFT"; '
+                                                  'cat "$PANTHEON_INPUTS_FILE"']}  # fmt: skip
+    created = await cluster.client.create_workflow(
+        "diamond",
+        [
+            node("top", executor=python("emit", value=1)),
+            node("left", "top", executor=python("emit", value=10)),
+            node("right", "top", executor=python("emit", value=100)),
+            node("join", "left", "right", executor=python("total")),
+            node("show", "left", "right", executor=shell),
+        ],
+    )
+    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=30)
+    assert done["status"] == "completed" and done["counts"] == {"completed": 5}
+    by_name = {n["name"]: n for n in done["nodes"]}
+    assert by_name["join"]["result"] == 110
+    stdout = by_name["show"]["result"]["stdout_tail"]
+    assert stdout.startswith("10|") and '"right":100' in stdout and '"left":10' in stdout
+
+
+@pytest.mark.slow
+async def test_thousand_node_layered_dag_completes_with_every_dependency_respected(
+    cluster: Cluster,
+) -> None:
+    for i in range(2):
+        await cluster.add_worker(worker_id=f"w{i}", slots=32)
+    layers, width = 10, 100
+    nodes = []
+    for layer in range(layers):
+        for i in range(width):
+            deps = [] if layer == 0 else [f"L{layer - 1}-{i}", f"L{layer - 1}-{(i + 1) % width}"]
+            nodes.append(
+                node(f"L{layer}-{i}", *deps, executor=python("noop"), resources={"cpu": 0})
+            )
+    created = await cluster.client.create_workflow("layers", nodes)
+    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=120)
+    assert done["status"] == "completed" and done["counts"] == {"completed": 1000}
+
+    # From the log: every task's lease was granted after each dependency's completion.
+    assert cluster.node.store is not None
+    granted: dict[str, int] = {}
+    completed: dict[str, int] = {}
+    async with cluster.node.store.feed(from_seq=1) as feed:
+        last = await cluster.node.store.last_seq()
+        seen = 0
+        while seen < last:
+            for raw in await feed.next_batch(2000, timeout=10):
+                seen = raw.seq
+                from pantheon_es.events import decode_record
+
+                record = decode_record(raw.data, raw.seq)
+                if record.type == "LeaseGranted":
+                    granted.setdefault(record.aggregate_id, record.seq)
+                elif record.type == "TaskCompleted":
+                    completed[record.aggregate_id] = record.seq
+    tasks = created["tasks"]
+    for n in nodes:
+        for dep in n["depends_on"]:
+            assert completed[tasks[dep]] < granted[tasks[n["name"]]], (dep, n["name"])
+
+
+async def test_fail_fast_skips_dependents_and_cancels_the_rest(cluster: Cluster) -> None:
+    await cluster.add_worker(worker_id="w1")
+    created = await cluster.client.create_workflow(
+        "ff",
+        [
+            node("slow", executor=python("sleep", seconds=30), resources={"cpu": 0.1}),
+            node("bad", executor=python("fail", message="broken"), resources={"cpu": 0.1}),
+            node("after-bad", "bad"),
+            node("after-slow", "slow"),
+        ],
+        failure_policy="fail_fast",
+    )
+    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=30)
+    status = {n["name"]: n["status"] for n in done["nodes"]}
+    assert status == {
+        "slow": "cancelled",
+        "bad": "failed",
+        "after-bad": "skipped",
+        "after-slow": "cancelled",
+    }
+    assert done["status"] == "failed"
+    assert done["counts"] == {"cancelled": 2, "failed": 1, "skipped": 1}
+
+
+async def test_continue_runs_what_does_not_depend_on_the_failure(cluster: Cluster) -> None:
+    await cluster.add_worker(worker_id="w1")
+    created = await cluster.client.create_workflow(
+        "cont",
+        [
+            node("bad", executor=python("fail")),
+            node("child", "bad"),
+            node("grandchild", "child"),
+            node("other"),
+            node("after-other", "other"),
+        ],
+        failure_policy="continue",
+    )
+    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=30)
+    status = {n["name"]: n["status"] for n in done["nodes"]}
+    assert status == {
+        "bad": "failed",
+        "child": "skipped",
+        "grandchild": "skipped",
+        "other": "completed",
+        "after-other": "completed",
+    }
+    assert done["status"] == "failed"
+    by_name = {n["name"]: n for n in done["nodes"]}
+    assert "child ended skipped" in by_name["grandchild"]["error"]["message"]
+
+
+async def test_cancel_mid_run_leaves_nothing_running_and_no_lease_live(cluster: Cluster) -> None:
+    worker = await cluster.add_worker(worker_id="w1")
+    created = await cluster.client.create_workflow(
+        "to cancel",
+        [
+            *(node(f"run{i}", executor=python("sleep", seconds=60), resources={"cpu": 0.1})
+              for i in range(3)),
+            node("later", "run0", "run1"),
+        ],
+    )  # fmt: skip
+    tasks = created["tasks"]
+    await started(cluster, created["workflow_id"])
+    for i in range(3):
+        await cluster.client.wait_for_task(
+            tasks[f"run{i}"], timeout=10, statuses=frozenset({"running"})
+        )
+    await cluster.client.cancel_workflow(created["workflow_id"], reason="changed my mind")
+    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=30)
+    assert done["status"] == "cancelled" and done["finished_at"] is not None
+    assert done["cancel_requested_at"] <= done["finished_at"]
+    assert {n["status"] for n in done["nodes"]} == {"cancelled"}
+    for n in done["nodes"]:
+        state = await cluster.client.get_task(n["task_id"])
+        assert state["lease_id"] is None
+    await eventually(lambda: _nothing_runs(worker), timeout=10)
+
+
+async def _nothing_runs(worker: Any) -> bool:
+    return not worker.running
