@@ -332,6 +332,14 @@ def up(
             rich_help_panel="Scheduling policy",
         ),
     ] = None,
+    leader_ttl: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Scheduler leadership lease, seconds: with several nodes on "
+            "one NATS one schedules, the others stand by (0: no election).",
+        ),
+    ] = 5.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run a node: NATS, command service, projections, scheduler and local workers.
@@ -374,6 +382,7 @@ def up(
             lease_ttl=lease_ttl, inactivity_timeout=inactivity_timeout * 60, policy=policy
         ),
         retention=retention * 60 if retention is not None else None,
+        leader_ttl=leader_ttl,
     )
 
     async def main() -> None:

@@ -37,6 +37,7 @@ from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.endpoint import parse_body, respond
 from pantheon_es.errors import InvalidError, PantheonError, UnavailableError
 from pantheon_es.events import decode_record
+from pantheon_es.leader import Leadership
 from pantheon_es.pool import Supervisor, read_side_child, worker_children
 from pantheon_es.scheduler import Scheduler, SchedulerConfig
 from pantheon_es.service import CommandService, ServiceConfig
@@ -69,6 +70,8 @@ class NodeConfig:
     worker_slots: int = 16
     #: Archive finished tasks this many seconds after they finished (None: keep).
     retention: float | None = None
+    #: Scheduler leadership lease, seconds (0: no election; this node always schedules).
+    leader_ttl: float = 5.0
 
 
 def tune_gc() -> None:
@@ -100,6 +103,7 @@ class Node:
         self.nats_url = config.nats_url or ""
         self._feed: EventFeed | None = None  # the scheduler's own, with a read side elsewhere
         self._why_sub: Any = None
+        self.leadership: Leadership | None = None
         self._stop = asyncio.Event()
         self._started = False
 
@@ -150,6 +154,17 @@ class Node:
         await self.service.start()
         self.scheduler = Scheduler(self.nc, self.service, self.subjects, cfg.scheduler)
         self.service.admission = self.scheduler.admit
+        if cfg.leader_ttl > 0:
+            self.leadership = Leadership(
+                self.nc.jetstream(),
+                self.subjects,
+                ttl=cfg.leader_ttl,
+                replicas=cfg.store.replicas,
+                on_change=self.scheduler.on_leadership,
+            )
+            await self.leadership.start()
+            self.scheduler.leadership = self.leadership
+            self.service.leadership = self.leadership
         self._why_sub = await self.nc.subscribe(
             self.subjects.all_scheduler, queue="pantheon-scheduler", cb=self._on_why
         )
@@ -286,6 +301,8 @@ class Node:
                 group.create_task(self.scheduler.run(), name="scheduler"),
                 group.create_task(self.children.supervise(), name="children"),
             ]
+            if self.leadership is not None:
+                parts.append(group.create_task(self.leadership.run(), name="leadership"))
             if self.read is not None:
                 parts.append(group.create_task(self.read.run(), name="read-side"))
             if self._feed is not None:
@@ -300,6 +317,8 @@ class Node:
         if self.children is not None:  # workers first: they hand back leases through the service
             workers = [n for n in self.children.procs if n != "read-side"]
             await self.children.stop(workers)
+        if self.leadership is not None:  # a standby takes over at once
+            await self.leadership.shutdown()
         if self.scheduler is not None:
             await self.scheduler.shutdown()
         if self._feed is not None:

@@ -235,6 +235,8 @@ class Scheduler:
         self.workers: dict[Key, LiveWorker] = {}
         self.workflows: dict[Key, LiveWorkflow] = {}
         self._resumed = False  # workflows picked up where the last run left them
+        #: Set by the node: only the leader decides (None: always active, e.g. in tests)
+        self.leadership: Any = None
         self.position = 0
         self._ready_at = 0  # act only once the log is read up to here
         self._heap: list[tuple[datetime, int, str, Key, str]] = []
@@ -384,6 +386,22 @@ class Scheduler:
     def ready(self) -> bool:
         return self.position >= self._ready_at
 
+    @property
+    def active(self) -> bool:
+        """Leader (or alone): fires timers, places, decides. A standby only follows the log."""
+        return self.leadership is None or self.leadership.is_leader
+
+    @property
+    def epoch(self) -> int | None:
+        return None if self.leadership is None else self.leadership.epoch
+
+    def on_leadership(self, leading: bool) -> None:
+        """Leadership changed: a new leader picks up everything a standby only watched."""
+        if leading:
+            self._resumed = False
+            self._place_needed = True
+        self._wake.set()
+
     def admit(self, tenant: str, command: Any) -> None:
         """Backpressure: refuse a new task past its tenant's pending bound (``overloaded``).
 
@@ -440,9 +458,9 @@ class Scheduler:
         """React to events and deadlines until :meth:`shutdown`."""
         while not self._stopping:
             timeout = None
-            if self._heap and self.ready:
+            if self._heap and self.ready and self.active:
                 timeout = max(0.0, (self._heap[0][0] - datetime.now(UTC)).total_seconds())
-            if not self._queue and not (self._place_needed and self.ready):
+            if not self._queue and not (self._place_needed and self.ready and self.active):
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -451,7 +469,7 @@ class Scheduler:
             records, self._queue = self._queue, []
             for record in records:
                 self._apply(record)
-            if self.ready:
+            if self.ready and self.active:
                 if not self._resumed:
                     self._resumed = True
                     self._resume_workflows()
@@ -757,9 +775,14 @@ class Scheduler:
     async def _execute(
         self, tenant: str, command: Any, known: tuple[Any, int]
     ) -> dict[str, Any] | None:
+        if not self.active:
+            return None  # a standby decides nothing; the leader derives it again
+        epoch = self.epoch
+        actor = f"scheduler#{epoch}" if epoch is not None else "scheduler"
+        command = command.model_copy(update={"actor": actor})
         async with self._slots:
             try:
-                return await self.service.execute(tenant, command, known=known)
+                return await self.service.execute(tenant, command, known=known, epoch=epoch)
             except PantheonError as err:
                 log.info(
                     "scheduler decision refused", command=type(command).__name__, error=err.message
@@ -810,6 +833,7 @@ class Scheduler:
             lease_id=lease_id,
             worker_id=worker.state.worker_id,
             ttl=ttl,
+            epoch=self.epoch,
         )
         try:
             result = await self._execute(task.tenant, command, (task.state, task.seq))
@@ -866,7 +890,7 @@ class Scheduler:
             if wf is None:
                 state = WORKFLOW.evolve(None, self._typed(record))
                 self.workflows[key] = LiveWorkflow.of(record.tenant, state, record.seq)
-                if self._resumed:
+                if self._resumed and self.active:
                     self._spawn(self._materialize(record.tenant, record.aggregate_id))
             return
         if wf is None or record.seq <= wf.seq:
@@ -884,6 +908,18 @@ class Scheduler:
         for (tenant, wf_id), wf in list(self.workflows.items()):
             if wf.state.status == "created":
                 self._spawn(self._materialize(tenant, wf_id))
+            wf.finishing = False
+            for task_id in wf.node_of:  # decisions a crash or a standby may have left undone
+                task = self.tasks.get((tenant, task_id))
+                if task is None or task.state.status != TaskStatus.PENDING:
+                    continue
+                broken = [
+                    d for d in wf.deps[task_id] if wf.outcome.get(d, "completed") != "completed"
+                ]
+                if broken:
+                    self._skip(task, wf, broken[0])
+                elif wf.stopping:
+                    self._decide(task, CancelTask(task_id=task_id, reason=self._why_stop(wf)))
             self._check_finished(wf)
 
     async def _materialize(self, tenant: str, workflow_id: str) -> None:

@@ -31,7 +31,7 @@ from pantheon_es import aggregates, ids
 from pantheon_es.commands import COMMANDS, BulkCommand, Command
 from pantheon_es.domain import AggregateType, DecideContext
 from pantheon_es.endpoint import invalid, parse_body, respond, route
-from pantheon_es.errors import ConcurrencyError, ConflictError
+from pantheon_es.errors import ConcurrencyError, ConflictError, ForbiddenError
 from pantheon_es.events import Event, make_event
 from pantheon_es.idempotency import Claim, ClaimTaken, IdempotencyIndex, fingerprint
 from pantheon_es.store import EventStore
@@ -145,6 +145,8 @@ class CommandService:
         #: Called with (tenant, command) before a new aggregate is decided; raises to refuse
         #: (the scheduler's backpressure).
         self.admission: Callable[[str, Command], None] | None = None
+        #: The node's scheduler leadership, if any: decisions carry its epoch.
+        self.leadership: Any = None
         assert aggregates.AGGREGATE_TYPES  # registries loaded
 
     # -- life cycle --------------------------------------------------------------------------
@@ -206,12 +208,19 @@ class CommandService:
         return await self.execute(parsed.tenant, command)
 
     async def execute(
-        self, tenant: str, command: Command, *, known: tuple[Any, int] | None = None
+        self,
+        tenant: str,
+        command: Command,
+        *,
+        known: tuple[Any, int] | None = None,
+        epoch: int | None = None,
     ) -> dict[str, Any]:
         """Decide and append one validated command; returns the reply's result.
 
         ``known`` is (state, last seq) of the target aggregate when the caller
         already holds it (the scheduler does); a stale one costs one retry.
+        ``epoch``: a scheduler decision's leadership epoch; refused (``forbidden``)
+        unless it is the current leader's (see :mod:`pantheon_es.leader`).
         """
         if isinstance(command, BulkCommand):
             return await command.run(self, tenant)
@@ -223,7 +232,7 @@ class CommandService:
         )
         if command.idempotency_key is not None:
             return await self._execute_keyed(tenant, command, command_id, correlation_id)
-        return await self._execute_once(tenant, command, command_id, correlation_id, known)
+        return await self._execute_once(tenant, command, command_id, correlation_id, known, epoch)
 
     async def _plan(
         self,
@@ -232,8 +241,16 @@ class CommandService:
         command_id: str,
         correlation_id: str,
         known: tuple[Any, int] | None = None,
+        epoch: int | None = None,
     ) -> _Plan:
         tenant, aggregate, aggregate_id = key
+        leadership = self.leadership
+        if epoch is not None and leadership is not None and not leadership.is_current(epoch):
+            raise ForbiddenError(
+                f"scheduler epoch {epoch} is not the current leader's "
+                f"({leadership.current_epoch}): decision refused",
+                details={"epoch": epoch, "current_epoch": leadership.current_epoch},
+            )
         kind = aggregates.AGGREGATE_TYPES[aggregate]
         if known is not None:
             state, seq = known
@@ -291,11 +308,12 @@ class CommandService:
         command_id: str,
         correlation_id: str,
         known: tuple[Any, int] | None = None,
+        epoch: int | None = None,
     ) -> dict[str, Any]:
         key = self._key(tenant, command)
         async with self._locks.hold(key):
             for _attempt in range(self.config.decide_attempts):
-                plan = await self._plan(key, command, command_id, correlation_id, known)
+                plan = await self._plan(key, command, command_id, correlation_id, known, epoch)
                 if not plan.events:
                     return {**plan.result, "seq": plan.expected_seq}
                 try:

@@ -240,6 +240,7 @@ class GrantLease(Command, aggregate="task"):
     lease_id: str
     worker_id: str
     ttl: float
+    epoch: int | None = None  # the granting scheduler's leadership epoch
 
     def target_id(self) -> str | None:
         return self.task_id
@@ -319,6 +320,7 @@ class LeaseGranted(EventData, type_name="LeaseGranted", version=1, aggregate="ta
     fencing_token: int
     expires_at: datetime
     ttl: float
+    epoch: int | None = None  # the granting scheduler's leadership epoch
 
 
 class TaskStarted(EventData, type_name="TaskStarted", version=1, aggregate="task"):
@@ -904,6 +906,7 @@ def _grant(command: GrantLease, state: TaskState | None, ctx: DecideContext) -> 
         fencing_token=attempt,
         expires_at=ctx.now + timedelta(seconds=command.ttl),
         ttl=command.ttl,
+        epoch=command.epoch,
     )
     result = {
         "task_id": task.task_id,

@@ -162,8 +162,9 @@ async def test_bad_agent_commands_get_typed_errors_and_append_nothing(cluster: C
 class UpProcess:
     """`pantheon up` joined to an external server, without local workers."""
 
-    def __init__(self, url: str, root: str, data_dir: Path) -> None:
+    def __init__(self, url: str, root: str, data_dir: Path, *extra: str) -> None:
         self.url, self.root, self.data_dir = url, root, data_dir
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -186,6 +187,7 @@ class UpProcess:
                     "0",
                     "--lease-ttl",
                     "6",
+                    *self.extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -214,7 +216,8 @@ async def test_service_killed_and_restarted_loses_and_duplicates_nothing(
     import nats
 
     root = f"r{secrets.token_hex(4)}"
-    up = UpProcess(nats_server.url, root, tmp_path / "node")
+    # a short leadership lease: the restarted node waits for the dead one's to age out
+    up = UpProcess(nats_server.url, root, tmp_path / "node", "--leader-ttl", "2")
     up.data_dir.mkdir()
     up.start()
     workers = [
