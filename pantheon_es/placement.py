@@ -53,6 +53,7 @@ from pantheon_es.specs import Resources
 
 Key = tuple[str, str]  # (tenant, id)
 EPS = 1e-9
+_NO_CUSTOM: dict[str, float] = {}
 
 
 class BlockReason(StrEnum):
@@ -123,14 +124,17 @@ class Amount:
         self.cpu = cpu
         self.memory_mb = memory_mb
         self.gpu = gpu
-        self.custom = dict(custom or {})
+        # Shared when empty: only copies (free capacity) are ever changed, and copy() copies.
+        self.custom: dict[str, float] = dict(custom) if custom else _NO_CUSTOM
 
     @classmethod
     def of(cls, r: Resources | Any) -> Amount:
         return cls(r.cpu, r.memory_mb, r.gpu, r.custom)
 
     def copy(self) -> Amount:
-        return Amount(self.cpu, self.memory_mb, self.gpu, self.custom)
+        fresh = Amount(self.cpu, self.memory_mb, self.gpu)
+        fresh.custom = dict(self.custom)
+        return fresh
 
     def covers(self, need: Amount) -> bool:
         if need.cpu > self.cpu + EPS or need.memory_mb > self.memory_mb + EPS:

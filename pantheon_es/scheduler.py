@@ -93,8 +93,8 @@ class LiveTask:
     spec: dict[str, Any]  # name, executor, labels: what an offer carries
     last_activity: datetime  # messages included
     granting: bool = False
-    #: workflow tasks: dependencies (task ids) that have not completed yet
-    waiting: set[str] = field(default_factory=set)
+    #: workflow tasks: dependencies (task ids) that have not completed yet (None: none)
+    waiting: set[str] | None = None
 
     @property
     def key(self) -> Key:
@@ -164,6 +164,51 @@ _FINISHED_STATUS = {
 }
 
 
+class _Interned:
+    """One shared instance per distinct value (resources, options, offer specs): a deep
+    queue of similar tasks holds one copy, not one per task. Values are never mutated."""
+
+    def __init__(self, limit: int = 8192) -> None:
+        self.limit = limit
+        self._values: dict[Any, Any] = {}
+
+    def get(self, key: Any, make: Any) -> Any:
+        value = self._values.get(key)
+        if value is None:
+            if len(self._values) >= self.limit:
+                self._values.clear()
+            value = self._values[key] = make()
+        return value
+
+
+_SHARED = _Interned()
+
+
+def _json_key(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def _resources(raw: Any) -> Resources:
+    """Resources from a dict or JSON text, shared between equal requests."""
+    if isinstance(raw, str):
+        return _SHARED.get(("r", raw), lambda: Resources.model_validate_json(raw))  # type: ignore[no-any-return]
+    return _SHARED.get(("r", _json_key(raw)), lambda: Resources.model_validate(raw))  # type: ignore[no-any-return]
+
+
+def _spec(name: str, executor: Any, labels: Any) -> dict[str, Any]:
+    """What an offer carries besides the lease, shared between equal tasks (never mutated)."""
+    key: tuple[Any, ...]
+    if isinstance(executor, str):
+        key = ("s", name, executor, labels)
+        return _SHARED.get(  # type: ignore[no-any-return]
+            key,
+            lambda: {"name": name, "executor": orjson.loads(executor),
+                     "labels": orjson.loads(labels)},
+        )  # fmt: skip
+    key = ("s", name, _json_key(executor), _json_key(labels))
+    return _SHARED.get(key, lambda: {"name": name, "executor": executor, "labels": labels})  # type: ignore[no-any-return]
+
+
 def _submitted_state(record: EventRecord) -> TaskState:
     """A new task's state straight from its TaskSubmitted record (what evolve would build)."""
     d = record.data
@@ -173,7 +218,7 @@ def _submitted_state(record: EventRecord) -> TaskState:
         status=TaskStatus.PENDING,
         name=d["name"],
         priority=d["priority"],
-        resources=Resources.model_validate(d["resources"]),
+        resources=_resources(d["resources"]),
         executor_kind=d["executor"]["kind"],
         submitted_at=at,
         last_activity_at=at,
@@ -188,11 +233,14 @@ def _submitted_state(record: EventRecord) -> TaskState:
 
 
 _DEFAULT_OPTIONS = SchedulingOptions()
+_OPTION_FIELDS = tuple(SchedulingOptions.model_fields)
 
 
 def _options(data: dict[str, Any]) -> SchedulingOptions:
-    found = {k: data[k] for k in SchedulingOptions.model_fields if data.get(k) is not None}
-    return SchedulingOptions.model_validate(found) if found else _DEFAULT_OPTIONS
+    found = {k: data[k] for k in _OPTION_FIELDS if data.get(k) is not None}
+    if not found:
+        return _DEFAULT_OPTIONS
+    return _SHARED.get(("o", _json_key(found)), lambda: SchedulingOptions.model_validate(found))  # type: ignore[no-any-return]
 
 
 def _ts(value: str | None) -> datetime | None:
@@ -308,7 +356,7 @@ class Scheduler:
                 status=TaskStatus(status),
                 name=name,
                 priority=priority,
-                resources=Resources.model_validate_json(resources),
+                resources=_resources(resources),
                 executor_kind=kind,
                 submitted_at=datetime.fromisoformat(submitted),
                 last_activity_at=datetime.fromisoformat(last_activity),
@@ -327,12 +375,7 @@ class Scheduler:
                 node=node,
                 depends_on=tuple(orjson.loads(depends_on)),
             )
-            spec = {
-                "name": name,
-                "executor": orjson.loads(executor),
-                "labels": orjson.loads(labels),
-            }
-            self._add_task(tenant, state, task_seq, spec)
+            self._add_task(tenant, state, task_seq, _spec(name, executor, labels))
         log.info(
             "scheduler bootstrapped",
             tasks=len(self.tasks),
@@ -516,7 +559,7 @@ class Scheduler:
         if record.type == "TaskSubmitted":
             if task is None:
                 d = record.data
-                spec = {"name": d["name"], "executor": d["executor"], "labels": d["labels"]}
+                spec = _spec(d["name"], d["executor"], d["labels"])
                 self._add_task(record.tenant, _submitted_state(record), record.seq, spec)
             return
         if task is None:
@@ -594,7 +637,7 @@ class Scheduler:
         wf = self.workflows.get((tenant, state.workflow_id)) if state.workflow_id else None
         if wf is not None and state.status == TaskStatus.PENDING:
             broken = [d for d in state.depends_on if wf.outcome.get(d, "completed") != "completed"]
-            task.waiting = {d for d in state.depends_on if wf.outcome.get(d) != "completed"}
+            task.waiting = {d for d in state.depends_on if wf.outcome.get(d) != "completed"} or None
             if broken:
                 self._skip(task, wf, broken[0])
             elif wf.stopping:
@@ -997,7 +1040,8 @@ class Scheduler:
             if other is None or other.state.status != TaskStatus.PENDING:
                 continue  # not created yet: it looks at the outcomes when it is
             if status == "completed":
-                other.waiting.discard(task_id)
+                if other.waiting:
+                    other.waiting.discard(task_id)
                 if not other.waiting and not wf.stopping:
                     self._make_pending(other)
             else:
