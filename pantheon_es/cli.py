@@ -316,6 +316,14 @@ def up(
             rich_help_panel="Scheduling policy",
         ),
     ] = 100_000,
+    unschedulable: Annotated[
+        str,
+        typer.Option(
+            help="A request no registered worker could hold: 'reject' the submit "
+            "(unschedulable) or 'block' it until a big enough worker joins.",
+            rich_help_panel="Scheduling policy",
+        ),
+    ] = "reject",
     tenant_weight: Annotated[
         list[str] | None,
         typer.Option(
@@ -360,6 +368,7 @@ def up(
                 k: int(v) for k, v in _pairs(concurrency_limit, "--concurrency-limit").items()
             },
             default_quota=Quota(max_running_per_tenant, max_pending_per_tenant),
+            unschedulable=unschedulable,
             tenant_weights={
                 k: float(v) for k, v in _pairs(tenant_weight, "--tenant-weight").items()
             },
@@ -368,7 +377,7 @@ def up(
             },
         )
     except ValueError as exc:
-        raise typer.BadParameter(f"a limit or weight is not a number: {exc}") from None
+        raise typer.BadParameter(f"bad scheduling policy: {exc}") from None
     logs.configure(log_level)
     config = NodeConfig(
         data_dir=data_dir,

@@ -92,6 +92,10 @@ class Policy:
     backfill_window: int = 256
     #: Workers held back for front jobs that do not fit yet.
     max_reservations: int = 1
+    #: A request no registered worker could ever hold: refuse the submit (``unschedulable``)
+    #: or accept it and block it until a big enough worker joins. With no worker
+    #: registered at all, a task is always accepted.
+    unschedulable: str = "reject"
 
     def __post_init__(self) -> None:
         if self.aging_per_s <= 0 or self.band <= 0:
@@ -99,6 +103,8 @@ class Policy:
         weights = [*self.tenant_weights.values(), *self.fairness_weights.values()]
         if any(w <= 0 for w in weights):
             raise ValueError("fair-share weights must be positive")
+        if self.unschedulable not in ("reject", "block"):
+            raise ValueError("unschedulable must be 'reject' or 'block'")
         limits = [*self.concurrency_limits.values(), self.max_running_agents]
         if any(n is not None and n < 1 for n in limits):
             raise ValueError("limits must be at least 1")
@@ -616,6 +622,21 @@ class Placement:
             s.accepting and s.serves(job.tenant) and s.capacity.covers(job.need)
             for s in self.workers.values()
         )
+
+    def impossible(self, tenant: str, need: Amount) -> dict[str, Any] | None:
+        """Why no registered worker could ever hold ``need`` (None if one could, or if no
+        worker serving the tenant is registered: one may still join)."""
+        serving = [s for s in self.workers.values() if s.serves(tenant)]
+        if not serving or any(s.capacity.covers(need) for s in serving):
+            return None
+        return {
+            "request": need.as_dict(),
+            "largest_worker": max(
+                (s.capacity.as_dict() for s in serving),
+                key=lambda c: (c["cpu"], c["memory_mb"], c["gpu"]),
+            ),
+            "workers": len(serving),
+        }
 
     def _reserve(self, job: Job, out: Outcome) -> None:
         if job.reserved is not None or self._reservations >= self.policy.max_reservations:

@@ -38,7 +38,12 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
-from pantheon_es.errors import ConflictError, OverloadedError, PantheonError
+from pantheon_es.errors import (
+    ConflictError,
+    OverloadedError,
+    PantheonError,
+    UnschedulableError,
+)
 from pantheon_es.events import REGISTRY, Event, EventRecord
 from pantheon_es.placement import Amount, Job, Placement, Policy
 from pantheon_es.service import CommandService
@@ -455,10 +460,21 @@ class Scheduler:
             return  # admitted with its workflow
         if isinstance(command, CreateWorkflow):
             adding = len(command.tasks)
+            requests = [(n.name, n.resources) for n in command.tasks]
         elif isinstance(command, (SubmitTask, SpawnAgent)):
             adding = 1
+            requests = [(command.name, command.resources)]
         else:
             return
+        if self.config.policy.unschedulable == "reject":
+            for name, resources in requests:
+                why = self.placement.impossible(tenant, Amount.of(resources))
+                if why is not None:
+                    raise UnschedulableError(
+                        f"no registered worker could ever run {name!r}: it asks for more than "
+                        "the largest worker has",
+                        details=why,
+                    )
         bound = self.config.policy.quota(tenant).max_pending
         if bound is None:
             return

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pantheon_es.errors import OverloadedError
+from pantheon_es.errors import OverloadedError, UnschedulableError
 from tests.conftest import Cluster, eventually, pythonpath_env
 
 PY = "tests.task_targets"
@@ -230,6 +230,7 @@ async def test_urgent_task_overtakes_earlier_low_ones_for_the_single_slot(
     assert sorted(low, key=started.__getitem__) == low  # equal priority: first come
 
 
+@pytest.mark.policy(unschedulable="block")
 async def test_request_no_worker_fits_is_blocked_then_runs_when_a_big_worker_joins(
     cluster: Cluster,
 ) -> None:
@@ -290,3 +291,23 @@ async def test_pantheon_why_prints_the_reason_a_task_waits(cluster: Cluster) -> 
     await cluster.client.cancel_task(first)
     done = await cluster.client.wait_for_task(second, timeout=20)
     assert done["status"] == "completed" and done["blocked_reason"] is None
+
+
+async def test_request_no_registered_worker_could_hold_is_refused_unschedulable(
+    cluster: Cluster,
+) -> None:
+    await cluster.add_worker(worker_id="small")  # 4 cpu, 4096 MiB
+    before = await last_seq(cluster)
+    with pytest.raises(UnschedulableError) as refused:
+        await cluster.client.submit_task("huge", python("noop"), resources={"memory_mb": 10**6})
+    assert refused.value.details["largest_worker"]["memory_mb"] == 4096
+    with pytest.raises(UnschedulableError):
+        await cluster.client.create_workflow(
+            "wf", [{"name": "ok", "executor": python("noop")},
+                   {"name": "big", "executor": python("noop"), "resources": {"gpu": 1}}],
+        )  # fmt: skip
+    assert await last_seq(cluster) == before  # nothing appended
+    fits = await cluster.client.submit_task("fits", python("noop"), resources={"cpu": 4})
+    assert (await cluster.client.wait_for_task(fits["task_id"], timeout=20))[
+        "status"
+    ] == "completed"

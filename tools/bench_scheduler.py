@@ -34,7 +34,6 @@ import os
 import platform
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,57 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil
 
 from pantheon_es import ids, logs
 from pantheon_es.client import PantheonClient
 from pantheon_es.scheduler import Scheduler
 from pantheon_es.subjects import Subjects
-from tools.bench_tasks import percentile, wait_workers
+from tools.bench_tasks import Node, percentile, wait_workers
 
 NOOP = {"kind": "python", "target": "tools.bench_targets:noop"}
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class Up:
-    """`pantheon up` in its own process, with extra options."""
-
-    def __init__(self, data_dir: Path, *options: str) -> None:
-        self.data_dir = data_dir
-        self.options = options
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def __enter__(self) -> Up:
-        log = open(self.data_dir / "up.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pantheon_es.cli", "up", "--data-dir", str(self.data_dir),
-             "--log-level", "warning", *self.options],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )  # fmt: skip
-        discovery = self.data_dir / "pantheon.json"
-        deadline = time.monotonic() + 60
-        while not discovery.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(
-                    f"pantheon up did not start: {(self.data_dir / 'up.log').read_text()}"
-                )
-            time.sleep(0.05)
-        self.url = orjson.loads(discovery.read_bytes())["nats_url"]
-        return self
-
-    def rss_mb(self) -> float:
-        assert self.proc is not None
-        rss = int(psutil.Process(self.proc.pid).memory_info().rss)
-        return round(rss / 2**20, 1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(2)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 class Notices:
@@ -166,13 +122,14 @@ async def complete(client: PantheonClient, task_id: str, lease: tuple[str, int])
 def live_set_memory(db_path: Path) -> dict[str, Any]:
     """A fresh scheduler's live set loaded from the read models: bytes and seconds."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    row = db.execute("SELECT last_seq FROM projector_checkpoint").fetchone()
+    started = time.perf_counter()  # timed without tracing (tracemalloc slows allocation)
+    Scheduler(None, None, Subjects()).bootstrap(db, int(row[0]), int(row[0]))  # type: ignore[arg-type]
+    seconds = time.perf_counter() - started
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    started = time.perf_counter()
     scheduler = Scheduler(None, None, Subjects())  # type: ignore[arg-type]
-    row = db.execute("SELECT last_seq FROM projector_checkpoint").fetchone()
     scheduler.bootstrap(db, int(row[0]), int(row[0]))
-    seconds = time.perf_counter() - started
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     used = sum(s.size_diff for s in after.compare_to(before, "filename"))
@@ -195,7 +152,7 @@ async def decision_latency(
     slots = 2
     options = ("--workers", "0", "--lease-ttl", "3600", "--leader-ttl", "0",
                "--max-pending-per-tenant", str(pending + 10_000))  # fmt: skip
-    with Up(data, *options) as up:
+    with Node(data, *options) as up:
         client = await PantheonClient.connect(up.url, timeout=60)
         notices = Notices()
         sub = await client.nc.subscribe(
@@ -280,7 +237,7 @@ async def dag(base: Path, runs: int) -> dict[str, Any]:
     data = base / "dag"
     data.mkdir()
     walls = []
-    with Up(data, "--workers", "2", "--worker-slots", "32") as up:
+    with Node(data, "--workers", "2", "--worker-slots", "32") as up:
         client = await PantheonClient.connect(up.url, timeout=60)
         await wait_workers(client, 2)
         for _ in range(runs):
@@ -317,7 +274,9 @@ async def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--dag-runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--keep", type=Path, help="Keep the nodes' data here (default: a temp dir).")
+    parser.add_argument(
+        "--keep", type=Path, help="Keep the nodes' data here (default: a temp dir)."
+    )
     args = parser.parse_args()
     logs.configure("warning")
     depths = [int(x) for x in args.pending.split(",") if x]

@@ -33,6 +33,7 @@ from typing import Any
 
 import nats
 import orjson
+import psutil
 
 from pantheon_es import ids
 from pantheon_es.client import PantheonClient
@@ -51,35 +52,21 @@ def percentile(values: list[float], p: float) -> float:
 
 
 class Node:
-    """`pantheon up` in its own process."""
+    """`pantheon up` in its own process (``options``: extra `pantheon up` options)."""
 
-    def __init__(self, data_dir: Path, slots: int) -> None:
+    def __init__(self, data_dir: Path, *options: str) -> None:
         self.data_dir = data_dir
-        self.slots = slots
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
     def __enter__(self) -> Node:
         log = open(self.data_dir / "up.log", "wb")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pantheon_es.cli",
-                "up",
-                "--data-dir",
-                str(self.data_dir),
-                "--workers",
-                "2",
-                "--worker-slots",
-                str(self.slots),
-                "--log-level",
-                "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[1],
-        )
+            [sys.executable, "-m", "pantheon_es.cli", "up", "--data-dir", str(self.data_dir),
+             "--log-level", "warning", *self.options],
+            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
         discovery = self.data_dir / "pantheon.json"
         deadline = time.monotonic() + 60
         while not discovery.exists():
@@ -91,11 +78,17 @@ class Node:
         self.url = orjson.loads(discovery.read_bytes())["nats_url"]
         return self
 
+    def rss_mb(self) -> float:
+        """Resident memory of the node process, MiB."""
+        assert self.proc is not None
+        rss = int(psutil.Process(self.proc.pid).memory_info().rss)
+        return round(rss / 2**20, 1)
+
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(2)
             try:
-                self.proc.wait(60)
+                self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
@@ -224,7 +217,7 @@ async def raw_rate(url: str, n: int, window: int) -> int:
 
 
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    with Node(work, slots=args.slots) as node:
+    with Node(work, "--workers", "2", "--worker-slots", str(args.slots)) as node:
         nc = await nats.connect(node.url, pending_size=256 * 1024 * 1024)
         client = PantheonClient(nc, timeout=60)
         tune_gc()
