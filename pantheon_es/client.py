@@ -49,6 +49,16 @@ def discover(data_dir: Path | str) -> dict[str, Any]:
     return dict(info)
 
 
+async def close_connection(nc: NATS, timeout: float = 5.0) -> None:
+    """Drain ``nc`` (flush what is pending) without waiting for ever on a server that is
+    gone (nats-py would reconnect indefinitely): after ``timeout``, just close."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except Exception:  # TimeoutError included
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 1.0)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -32,7 +32,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from pantheon_es.client import DISCOVERY_FILE, PantheonClient
+from pantheon_es.client import DISCOVERY_FILE, PantheonClient, close_connection
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.endpoint import parse_body, respond
 from pantheon_es.errors import InvalidError, PantheonError, UnavailableError
@@ -330,8 +330,7 @@ class Node:
         if self.read is not None:
             await self.read.shutdown()
         if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            await close_connection(self.nc)
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
             log.info("embedded nats-server stopped")

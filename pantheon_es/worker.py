@@ -38,7 +38,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from pantheon_es import __version__, ids
-from pantheon_es.client import PantheonClient
+from pantheon_es.client import PantheonClient, close_connection
 from pantheon_es.errors import (
     ConflictError,
     NotFoundError,
@@ -283,8 +283,7 @@ class Worker:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await client.nc.drain()
+        await close_connection(client.nc)
         log.info("worker stopped", worker_id=self.worker_id)
 
     # -- offers and stops -----------------------------------------------------------------------

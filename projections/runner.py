@@ -16,7 +16,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NATS
 
-from pantheon_es.client import PantheonClient
+from pantheon_es.client import PantheonClient, close_connection
 from pantheon_es.retention import Janitor
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
@@ -82,9 +82,45 @@ class ReadSide:
 
 
 async def run_read_side(
-    nats_url: str, root: str, data_dir: Path, retention: float | None, stop: asyncio.Event
+    nats_url: str,
+    root: str,
+    data_dir: Path,
+    retention: float | None,
+    stop: asyncio.Event,
+    grace: float = 15.0,
 ) -> None:
-    """The `pantheon projector` process: the read side until ``stop`` is set."""
+    """The `pantheon projector` process: the read side until ``stop`` is set.
+
+    Once ``stop`` is set, it has ``grace`` seconds to finish (also when stop comes during
+    start-up, or the NATS server is gone and would be reconnected to for ever).
+    """
+    running = asyncio.Event()
+    main = asyncio.create_task(_read_side(nats_url, root, data_dir, retention, stop, running))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not main.done() and not running.is_set():  # still starting: nothing to flush
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        return
+    if not main.done():
+        try:
+            await asyncio.wait_for(main, grace)
+        except TimeoutError:
+            log.warning("read side did not stop in time; exiting", grace_s=grace)
+            return
+    main.result()  # the first failure of the read side, if any
+
+
+async def _read_side(
+    nats_url: str,
+    root: str,
+    data_dir: Path,
+    retention: float | None,
+    stop: asyncio.Event,
+    running: asyncio.Event,
+) -> None:
     nc = await nats.connect(
         nats_url,
         name="pantheon-projector",
@@ -96,6 +132,7 @@ async def run_read_side(
     side = ReadSide(store, data_dir / "projections.db", retention=retention)
     await side.start()
     log.info("read side running", db=str(data_dir / "projections.db"))
+    running.set()
     runner = asyncio.create_task(side.run())
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -103,4 +140,4 @@ async def run_read_side(
     with contextlib.suppress(asyncio.CancelledError):
         await runner  # re-raises the first failure of the read side, if any
     waiter.cancel()
-    await nc.drain()
+    await close_connection(nc)

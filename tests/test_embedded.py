@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -115,3 +116,64 @@ def test_compose_file_mounts_the_config_file_the_tests_load() -> None:
     assert "./pantheon_es/conf/nats.conf:/etc/nats/pantheon.conf:ro" in compose
     assert '"-c", "/etc/nats/pantheon.conf"' in compose
     assert "healthz?js-enabled-only=true" in compose
+
+
+@pytest.mark.slow
+def test_children_of_a_killed_node_exit_even_when_the_nats_server_is_gone(tmp_path: Path) -> None:
+    """Parent killed with -9 and its NATS server stopped: the read side and the workers
+    get their parent-death signal and must not wait for ever on a server that is gone."""
+    import psutil
+
+    from tests.conftest import pythonpath_env
+
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    data = tmp_path / "node"
+    data.mkdir()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pantheon_es.cli", "up", "--nats-url", server.url,
+         "--data-dir", str(data), "--workers", "1", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=pythonpath_env(),
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "pantheon.json").exists():
+            assert up.poll() is None and time.monotonic() < deadline, "pantheon up did not start"
+            time.sleep(0.05)
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 2  # the read side and one worker
+        server.stop()
+        up.kill()
+        up.wait(10)
+        _gone, alive = psutil.wait_procs(children, timeout=40)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "pantheon_es.cli" in " ".join(p.cmdline()):
+                    p.kill()
+        server.stop()
+
+
+def test_read_side_process_stops_on_sigterm_while_it_cannot_reach_nats(tmp_path: Path) -> None:
+    """SIGTERM (what its parent's death sends it) during start-up against a server that is
+    gone: it exits within its grace period instead of reconnecting for ever."""
+    from tests.conftest import pythonpath_env
+
+    with EmbeddedNats(tmp_path / "nats") as server:
+        url = server.url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pantheon_es.cli", "projector", "--nats-url", url,
+         "--data-dir", str(tmp_path / "node")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=pythonpath_env(),
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # imported, signal handlers installed, trying to connect
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
