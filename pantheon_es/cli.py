@@ -988,6 +988,14 @@ def worker(
     shutdown_timeout: Annotated[
         float, typer.Option(help="On SIGTERM/Ctrl-C: seconds to let running tasks finish.")
     ] = 30.0,
+    serve_tenant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--serve-tenant",
+            help="Also run tasks of this tenant ('*': every "
+            "tenant); repeatable. Tenants then share it by fair-share weight.",
+        ),
+    ] = None,
     agent_template: Annotated[
         list[str] | None,
         typer.Option(
@@ -1042,6 +1050,7 @@ def worker(
             ttl=ttl,
             shutdown_timeout=shutdown_timeout,
             data_dir=data_dir,
+            serve_tenants=list(serve_tenant or []),
             agent_templates=templates,
         )
         w = Worker(config)

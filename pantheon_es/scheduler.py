@@ -252,6 +252,11 @@ def _ts(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _worker_key(task_tenant: str, lease: Lease) -> Key:
+    """The (tenant, id) of the worker holding ``lease`` (a shared worker's own tenant)."""
+    return (lease.worker_tenant or task_tenant, lease.worker_id)
+
+
 def to_job(task: LiveTask) -> Job:
     """What the placement policy needs to know of a pending task."""
     state = task.state
@@ -322,6 +327,7 @@ class Scheduler:
             "SELECT tenant, id, status, name, priority, resources, executor_kind, executor, "
             "labels, submitted_at, last_activity_at, inactivity_timeout, max_attempts, attempt, "
             "lease_id, worker_id, fencing_token, lease_expires_at, lease_ttl, started_at, version, "
+            "worker_tenant, "
             "task_seq, options, pending_since, blocked_reason, not_before, attempts_base, "
             "workflow_id, node, depends_on "
             f"FROM tasks WHERE status IN ({live}) ORDER BY id"
@@ -329,11 +335,11 @@ class Scheduler:
         self._bootstrap_workflows(db)
         workers = db.execute(
             "SELECT tenant, id, incarnation, status, capacity, slots, labels, ttl, expires_at, "
-            "registered_at, last_seq FROM workers WHERE status IN ('active', 'draining')"
+            "registered_at, last_seq, tenants FROM workers WHERE status IN ('active', 'draining')"
         ).fetchall()
         for r in workers:
             (tenant, worker_id, incarnation, status, capacity, slots, labels, ttl, expires,
-             registered, seq) = r  # fmt: skip
+             registered, seq, serves) = r  # fmt: skip
             wstate = WorkerState(
                 worker_id=worker_id,
                 incarnation=incarnation,
@@ -344,18 +350,19 @@ class Scheduler:
                 ttl=ttl,
                 expires_at=datetime.fromisoformat(expires),
                 registered_at=datetime.fromisoformat(registered),
+                tenants=tuple(orjson.loads(serves)),
             )
             self._add_worker(tenant, wstate, seq)
         for r in rows:
             (tenant, task_id, status, name, priority, resources, kind, executor, labels, submitted,
              last_activity, timeout, max_attempts, attempt, lease_id, worker_id, token, expires,
-             ttl, started, version, task_seq, options, pending_since, blocked, not_before,
+             ttl, started, version, worker_tenant, task_seq, options, pending_since, blocked,
+             not_before,
              attempts_base, workflow_id, node, depends_on) = r  # fmt: skip
             lease = None
             if lease_id:
-                lease = Lease(
-                    lease_id, worker_id, attempt, token, datetime.fromisoformat(expires), ttl
-                )
+                lease = Lease(lease_id, worker_id, attempt, token,
+                              datetime.fromisoformat(expires), ttl, worker_tenant)  # fmt: skip
             state = TaskState(
                 task_id=task_id,
                 status=TaskStatus(status),
@@ -508,7 +515,7 @@ class Scheduler:
         out.update(self.placement.why(task.key, time.time()))
         if task.state.not_before is not None and task.state.status == TaskStatus.PENDING:
             out["not_before"] = task.state.not_before.isoformat()
-        if not any(w.accepting for w in self.workers.values() if w.tenant == tenant):
+        if not any(s.accepting and s.serves(tenant) for s in self.placement.workers.values()):
             out["workers"] = 0
         return out
 
@@ -620,7 +627,7 @@ class Scheduler:
         elif new.lease is not None and key not in self.placement.running:
             # leased by a decision we did not make (another scheduler): hold its worker
             self._set_pending(task, False)
-            self.placement.assign(to_job(task), (task.tenant, new.lease.worker_id))
+            self.placement.assign(to_job(task), _worker_key(task.tenant, new.lease))
         self._track(task)
 
     def _apply_worker(self, record: EventRecord) -> None:
@@ -664,7 +671,7 @@ class Scheduler:
             if job is not None:
                 job.reason = state.blocked  # already recorded: not told again
         elif state.lease is not None:
-            self.placement.assign(to_job(task), (tenant, state.lease.worker_id))
+            self.placement.assign(to_job(task), _worker_key(tenant, state.lease))
         self._track(task)
 
     async def _adopt(self, tenant: str, task_id: str) -> None:
@@ -727,6 +734,7 @@ class Scheduler:
             key,
             Resources(cpu=cap.cpu, memory_mb=cap.memory_mb, gpu=cap.gpu, custom=dict(cap.custom)),
             state.slots,
+            tenants=[tenant, *state.tenants],
             accepting=state.status == WorkerStatus.ACTIVE,
         )
         self._push(state.expires_at, "worker", key, state.incarnation)
@@ -854,11 +862,7 @@ class Scheduler:
     def _orphan_leases(self, worker_key: Key, reason: str) -> None:
         for task in list(self.tasks.values()):
             lease = task.state.lease
-            if (
-                task.tenant == worker_key[0]
-                and lease is not None
-                and lease.worker_id == worker_key[1]
-            ):
+            if lease is not None and _worker_key(task.tenant, lease) == worker_key:
                 self._decide(
                     task,
                     ExpireLease(task_id=task.state.task_id, lease_id=lease.lease_id, reason=reason),
@@ -893,6 +897,7 @@ class Scheduler:
             worker_id=worker.state.worker_id,
             ttl=ttl,
             epoch=self.epoch,
+            worker_tenant=worker.tenant if worker.tenant != task.tenant else None,
         )
         try:
             result = await self._execute(task.tenant, command, (task.state, task.seq))
@@ -910,7 +915,7 @@ class Scheduler:
         if task.seq < result["seq"]:  # apply our own decision now; the feed copy is then skipped
             lease = Lease(
                 lease_id, worker.state.worker_id, result["fencing_token"], result["fencing_token"],
-                datetime.fromisoformat(result["expires_at"]), ttl,
+                datetime.fromisoformat(result["expires_at"]), ttl, command.worker_tenant,
             )  # fmt: skip
             task.state = replace(
                 task.state,
@@ -924,6 +929,7 @@ class Scheduler:
             self._track(task)
         offer = {
             "type": "offer",
+            "tenant": task.tenant,
             "task_id": task.state.task_id,
             "lease_id": lease_id,
             "fencing_token": result["fencing_token"],

@@ -174,6 +174,10 @@ class Subjects:
             f"{self.root}.work.{check_token('tenant', tenant)}.{check_token('worker', worker_id)}"
         )
 
+    def work_any(self, worker_id: str) -> str:
+        """A worker's offers from every tenant (a worker that serves them all)."""
+        return f"{self.root}.work.*.{check_token('worker', worker_id)}"
+
     # -- KV keys -----------------------------------------------------------------
     @staticmethod
     def state_key(tenant: str, model: str, entity_id: str) -> str:

@@ -241,6 +241,7 @@ class GrantLease(Command, aggregate="task"):
     worker_id: str
     ttl: float
     epoch: int | None = None  # the granting scheduler's leadership epoch
+    worker_tenant: str | None = None  # a worker of another tenant that serves this one
 
     def target_id(self) -> str | None:
         return self.task_id
@@ -321,6 +322,7 @@ class LeaseGranted(EventData, type_name="LeaseGranted", version=1, aggregate="ta
     expires_at: datetime
     ttl: float
     epoch: int | None = None  # the granting scheduler's leadership epoch
+    worker_tenant: str | None = None  # the worker's tenant, when not the task's
 
 
 class TaskStarted(EventData, type_name="TaskStarted", version=1, aggregate="task"):
@@ -430,6 +432,7 @@ class Lease:
     fencing_token: int
     expires_at: datetime
     ttl: float
+    worker_tenant: str | None = None  # the worker's tenant, when not the task's
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +485,13 @@ def _apply(data: EventData, state: TaskState, event: Event[Any]) -> TaskState:
 @_apply.register
 def _leased(data: LeaseGranted, state: TaskState, event: Event[Any]) -> TaskState:
     lease = Lease(
-        data.lease_id, data.worker_id, data.attempt, data.fencing_token, data.expires_at, data.ttl
+        data.lease_id,
+        data.worker_id,
+        data.attempt,
+        data.fencing_token,
+        data.expires_at,
+        data.ttl,
+        data.worker_tenant,
     )
     return replace(
         state,
@@ -907,6 +916,7 @@ def _grant(command: GrantLease, state: TaskState | None, ctx: DecideContext) -> 
         expires_at=ctx.now + timedelta(seconds=command.ttl),
         ttl=command.ttl,
         epoch=command.epoch,
+        worker_tenant=command.worker_tenant,
     )
     result = {
         "task_id": task.task_id,

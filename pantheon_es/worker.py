@@ -81,6 +81,8 @@ class WorkerConfig:
     report_timeout: float = 120.0  # how long a final report is retried while unavailable
     #: How often a shell or agent task's process tree is measured (psutil) while it runs.
     usage_interval: float = 1.0
+    #: Other tenants whose tasks it also runs ("*": every tenant); its own always.
+    serve_tenants: list[str] = field(default_factory=list)
 
 
 class _Usage:
@@ -141,6 +143,11 @@ class Execution:
         return str(self.offer["task_id"])
 
     @property
+    def tenant(self) -> str | None:
+        """The task's tenant (offers from a scheduler before shared workers carry none)."""
+        return self.offer.get("tenant")
+
+    @property
     def lease(self) -> dict[str, Any]:
         return {
             "task_id": self.offer["task_id"],
@@ -162,7 +169,8 @@ class Worker:
         self.executors = executors or default_executors(config.agent_templates)
         self.running: dict[str, Execution] = {}
         self.client: PantheonClient | None = None
-        self._sub: Any = None
+        self._subs: list[Any] = []
+        self._clients: dict[str, PantheonClient] = {}
         self._stop = asyncio.Event()
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -191,9 +199,13 @@ class Worker:
             timeout=10,
             actor=f"worker:{self.worker_id}",
         )
-        self._sub = await nc.subscribe(
-            self.subjects.work(self.config.tenant, self.worker_id), cb=self._on_msg
-        )
+        serves = self.config.serve_tenants
+        if "*" in serves:
+            patterns = [self.subjects.work_any(self.worker_id)]
+        else:
+            tenants = dict.fromkeys([self.config.tenant, *serves])
+            patterns = [self.subjects.work(t, self.worker_id) for t in tenants]
+        self._subs = [await nc.subscribe(p, cb=self._on_msg) for p in patterns]
         await self._register()
         log.info("worker registered", worker_id=self.worker_id, tenant=self.config.tenant)
 
@@ -213,6 +225,7 @@ class Worker:
                     "pid": os.getpid(),
                     "version": __version__,
                     "ttl": self.config.ttl,
+                    "tenants": self.config.serve_tenants,
                 },
             ),
             deadline=None,
@@ -272,7 +285,7 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await execution.task
                 with contextlib.suppress(PantheonError):
-                    await client.command(
+                    await self._for(execution, client).command(
                         "task", "release", {**execution.lease, "reason": "worker shut down"}
                     )
         with contextlib.suppress(PantheonError):
@@ -280,9 +293,9 @@ class Worker:
                 "worker", "stop", {"worker_id": self.worker_id, "incarnation": self.incarnation}
             )
         self.client = None
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
         await close_connection(client.nc)
         log.info("worker stopped", worker_id=self.worker_id)
 
@@ -317,6 +330,22 @@ class Worker:
             return
         execution.task = asyncio.create_task(self._execute(execution), name=f"task-{task_id}")
 
+    def _for(self, execution: Execution, client: PantheonClient) -> PantheonClient:
+        """The client that speaks for the task's tenant (a shared worker serves several)."""
+        tenant = execution.tenant or self.config.tenant
+        if tenant == self.config.tenant:
+            return client
+        found = self._clients.get(tenant)
+        if found is None or found.nc is not client.nc:
+            found = self._clients[tenant] = PantheonClient(
+                client.nc,
+                tenant=tenant,
+                subjects=self.subjects,
+                timeout=10,
+                actor=f"worker:{self.config.tenant}/{self.worker_id}",
+            )
+        return found
+
     def _background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -325,14 +354,16 @@ class Worker:
     async def _hand_back(self, execution: Execution, reason: str) -> None:
         if self.client is not None:
             with contextlib.suppress(PantheonError):
-                await self.client.command("task", "release", {**execution.lease, "reason": reason})
+                await self._for(execution, self.client).command(
+                    "task", "release", {**execution.lease, "reason": reason}
+                )
         self.running.pop(execution.task_id, None)
 
     # -- running one task --------------------------------------------------------------------------
     def _context(self, execution: Execution) -> TaskContext:
         offer = execution.offer
         assert self.client is not None
-        client = self.client
+        client = self._for(execution, self.client)
         # Created by the executors that write there (python tasks never do).
         output_dir = self.config.data_dir / "outputs" / offer["task_id"] / str(offer["attempt"])
 
@@ -377,7 +408,7 @@ class Worker:
                     extra_env[f"PANTHEON_INPUT_{re.sub(r'[^A-Za-z0-9]', '_', node).upper()}"] = text
         return TaskContext(
             task_id=offer["task_id"],
-            tenant=self.config.tenant,
+            tenant=execution.tenant or self.config.tenant,
             attempt=offer["attempt"],
             lease_id=offer["lease_id"],
             fencing_token=offer["fencing_token"],
@@ -489,7 +520,7 @@ class Worker:
         reports)."""
         if self.client is None or execution.lost:
             return
-        client = self.client
+        client = self._for(execution, self.client)
         body = {**execution.lease, **{k: v for k, v in extra.items() if v is not None}}
         deadline = time.monotonic() + (self.config.report_timeout if final else 0)
         attempt = 0

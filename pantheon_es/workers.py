@@ -70,6 +70,14 @@ class RegisterWorker(_WorkerCommand, aggregate="worker", verb="register"):
     ttl: float = Field(
         15.0, gt=0, le=3600, description="Declared lost this long after its last heartbeat."
     )
+    tenants: list[Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9_-]{1,128})$")]] = (
+        Field(
+            default_factory=list,
+            max_length=1000,
+            description="Other tenants whose tasks it also runs ('*': every tenant); its own "
+            "always. Offers come on pantheon.work.<task's tenant>.<worker_id>.",
+        )
+    )
 
 
 class WorkerHeartbeat(_WorkerCommand, aggregate="worker", verb="heartbeat"):
@@ -104,6 +112,7 @@ class WorkerRegistered(EventData, type_name="WorkerRegistered", version=1, aggre
     version: str
     ttl: float
     expires_at: datetime
+    tenants: list[str] = Field(default_factory=list)
 
 
 class WorkerRenewed(EventData, type_name="WorkerRenewed", version=1, aggregate="worker"):
@@ -140,6 +149,7 @@ class WorkerState:
     ttl: float
     expires_at: datetime
     registered_at: datetime
+    tenants: tuple[str, ...] = ()  # others it serves besides its own ("*": all)
 
 
 @functools.singledispatch
@@ -180,6 +190,7 @@ def evolve(state: WorkerState | None, event: Event[Any]) -> WorkerState:
             ttl=data.ttl,
             expires_at=data.expires_at,
             registered_at=event.occurred_at,
+            tenants=tuple(data.tenants),
         )
     if state is None:
         raise InternalError(f"{event.type} before WorkerRegistered for {event.aggregate_id}")
@@ -225,6 +236,7 @@ def _register(command: RegisterWorker, state: WorkerState | None, ctx: DecideCon
         version=command.version,
         ttl=command.ttl,
         expires_at=ctx.now + timedelta(seconds=command.ttl),
+        tenants=command.tenants,
     )
     return Decision([event], {"worker_id": command.worker_id, "status": "active"})
 

@@ -46,6 +46,7 @@ WORKERS = Table(
         "pid",
         "version",
         "ttl",
+        "tenants",
         "registered_at",
         "expires_at",
         "last_heartbeat_at",
@@ -55,7 +56,7 @@ WORKERS = Table(
         "last_seq",
     ),
     key=("tenant", "id"),
-    json_columns=frozenset({"capacity", "labels"}),
+    json_columns=frozenset({"capacity", "labels", "tenants"}),
     ddl="""
     CREATE TABLE IF NOT EXISTS workers (
         id TEXT NOT NULL,
@@ -69,6 +70,7 @@ WORKERS = Table(
         pid INTEGER NOT NULL,
         version TEXT NOT NULL,
         ttl REAL NOT NULL,
+        tenants TEXT NOT NULL,
         registered_at TEXT NOT NULL,
         expires_at TEXT NOT NULL,
         last_heartbeat_at TEXT NOT NULL,
@@ -114,6 +116,7 @@ class WorkersModel(ReadModel):
                 "pid": d["pid"],
                 "version": d["version"],
                 "ttl": d["ttl"],
+                "tenants": d.get("tenants") or [],
                 "registered_at": ev.occurred_at,
                 "expires_at": d["expires_at"],
                 "last_heartbeat_at": ev.occurred_at,

@@ -311,3 +311,35 @@ async def test_request_no_registered_worker_could_hold_is_refused_unschedulable(
     assert (await cluster.client.wait_for_task(fits["task_id"], timeout=20))[
         "status"
     ] == "completed"
+
+
+@pytest.mark.policy(tenant_weights={"a": 3.0, "b": 1.0}, aging_per_s=0.0001)
+async def test_a_worker_shared_by_two_tenants_serves_them_by_fair_share_weight(
+    cluster: Cluster,
+) -> None:
+    from pantheon_es.client import PantheonClient
+
+    await cluster.add_worker(worker_id="shared", tenant="a", serve_tenants=["b"], slots=1)
+    clients = {
+        t: PantheonClient(cluster.node.nc, tenant=t, subjects=cluster.node.subjects, timeout=15)
+        for t in ("a", "b")
+    }
+    blocker = await clients["a"].submit_task("blocker", python("sleep", seconds=1.0))
+    await clients["a"].wait_for_task(blocker["task_id"], statuses=frozenset({"running"}))
+    submitted = {
+        t: [(await clients[t].submit_task(f"{t}{i}", python("noop")))["task_id"] for i in range(12)]
+        for t in ("a", "b")
+    }  # all queued behind the blocker: the order they run in is the policy's
+    grants = []
+    assert cluster.node.store is not None
+    for t, task_ids in submitted.items():
+        for task_id in task_ids:
+            done = await clients[t].wait_for_task(task_id, timeout=30)
+            assert done["status"] == "completed"
+            history = await cluster.node.store.read_aggregate(t, "task", task_id)
+            grant = next(h for h in history if h.event.type == "LeaseGranted")
+            assert grant.event.data.worker_id == "shared"
+            assert grant.event.data.worker_tenant == ("a" if t == "b" else None)
+            grants.append((grant.seq, t))
+    first = [t for _seq, t in sorted(grants)[:16]]
+    assert 11 <= first.count("a") <= 13, first  # 3 of every 4 while both wait
