@@ -74,6 +74,8 @@ from pantheon_es.workflows import (
     StartWorkflow,
     WorkflowState,
 )
+from projections.tasks import LIVE_CONDITION as TASKS_LIVE
+from projections.workflows import LIVE_CONDITION as WORKFLOWS_LIVE
 
 log = structlog.get_logger(__name__)
 
@@ -322,7 +324,6 @@ class Scheduler:
         if db is None:  # no read models yet: nothing is live
             log.info("scheduler bootstrapped", tasks=0, workers=0, position=position, head=head)
             return
-        live = ", ".join(f"'{s}'" for s in LIVE)
         rows = db.execute(
             "SELECT tenant, id, status, name, priority, resources, executor_kind, executor, "
             "labels, submitted_at, last_activity_at, inactivity_timeout, max_attempts, attempt, "
@@ -330,7 +331,7 @@ class Scheduler:
             "worker_tenant, "
             "task_seq, options, pending_since, blocked_reason, not_before, attempts_base, "
             "workflow_id, node, depends_on "
-            f"FROM tasks WHERE status IN ({live}) ORDER BY id"
+            f"FROM tasks INDEXED BY tasks_live WHERE {TASKS_LIVE} ORDER BY id"
         ).fetchall()
         self._bootstrap_workflows(db)
         workers = db.execute(
@@ -399,8 +400,8 @@ class Scheduler:
     def _bootstrap_workflows(self, db: Any) -> None:
         rows = db.execute(
             "SELECT tenant, id, name, status, failure_policy, nodes, created_at, "
-            "cancel_requested_at, last_seq FROM workflows "
-            "WHERE status IN ('created', 'running', 'cancelling')"
+            "cancel_requested_at, last_seq FROM workflows INDEXED BY workflows_live "
+            f"WHERE {WORKFLOWS_LIVE}"
         ).fetchall()
         for tenant, wf_id, name, status, policy, nodes, created, cancel_at, seq in rows:
             specs = tuple(
@@ -419,7 +420,8 @@ class Scheduler:
             wf = LiveWorkflow.of(tenant, state, seq)
             finished = ", ".join(f"'{s}'" for s in _FINISHED_STATUS.values())
             for task_id, task_status, result in db.execute(
-                f"SELECT id, status, result FROM tasks WHERE tenant = ? AND workflow_id = ? "
+                "SELECT id, status, result FROM tasks INDEXED BY tasks_workflow "
+                "WHERE tenant = ? AND workflow_id = ? "
                 f"AND status IN ({finished})",
                 (tenant, wf_id),
             ).fetchall():

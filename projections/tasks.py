@@ -54,6 +54,9 @@ from projections.base import (
 
 MODEL = "task"
 LIVE = ("pending", "leased", "running")
+#: The live rows, written exactly as the partial index ``tasks_live`` says it, so that
+#: SQLite uses the index: the scheduler's start-up reads them without scanning history.
+LIVE_CONDITION = "status IN ('pending', 'leased', 'running')"
 FINISHED = ("completed", "failed", "cancelled", "timed_out", "skipped")
 #: A live agent with no activity for this long counts as idle in summaries.
 IDLE_AFTER_S = 300.0
@@ -179,6 +182,8 @@ TASKS = Table(
     CREATE INDEX IF NOT EXISTS tasks_tenant_kind ON tasks (tenant, executor_kind, status);
     CREATE INDEX IF NOT EXISTS tasks_workflow ON tasks (tenant, workflow_id)
         WHERE workflow_id IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS tasks_live ON tasks (id)
+        WHERE status IN ('pending', 'leased', 'running');
     """,
 )
 

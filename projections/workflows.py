@@ -26,6 +26,8 @@ from pantheon_es.workflows import (
 from projections.base import Batch, Queries, ReadModel, Row, Table, aggregate_row, handles, paged
 
 MODEL = "workflow"
+#: Unfinished workflows, as the partial index ``workflows_live`` says it (see tasks.py).
+LIVE_CONDITION = "status IN ('created', 'running', 'cancelling')"
 
 WORKFLOWS = Table(
     name="workflows",
@@ -72,6 +74,8 @@ WORKFLOWS = Table(
         PRIMARY KEY (tenant, id)
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS workflows_tenant_status ON workflows (tenant, status, id);
+    CREATE INDEX IF NOT EXISTS workflows_live ON workflows (id)
+        WHERE status IN ('created', 'running', 'cancelling');
     """,
 )
 

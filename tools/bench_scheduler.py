@@ -311,7 +311,8 @@ async def main() -> None:
             a = r["after_all_completed"]
             print(f"    after all {sum(a['live_set']['history_tasks'].values())} completed: "
                   f"live set {a['live_set']['live_tasks']} tasks, {a['live_set']['scheduler_mb']} "
-                  f"MiB; node RSS {a['node_rss_mb']} MiB")  # fmt: skip
+                  f"MiB, loaded in {a['live_set']['bootstrap_s']} s; node RSS "
+                  f"{a['node_rss_mb']} MiB")  # fmt: skip
     if "dag" in report:
         g = report["dag"]
         print(
