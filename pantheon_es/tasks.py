@@ -947,6 +947,12 @@ def _redrive(command: RedriveTask, state: TaskState | None, ctx: DecideContext) 
             "redriven",
             details={"task_id": task.task_id, "status": task.status.value},
         )
+    if task.workflow_id is not None:
+        raise ConflictError(
+            f"task {task.task_id} belongs to workflow {task.workflow_id}: its dependents and the "
+            "workflow's outcome would not follow a redrive of one task; run the workflow again",
+            details={"task_id": task.task_id, "workflow_id": task.workflow_id},
+        )
     event = TaskRedriven(previous_status=task.status.value, reason=command.reason)
     return Decision([event], {"task_id": task.task_id, "status": "pending", "changed": True})
 

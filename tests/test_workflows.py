@@ -222,3 +222,25 @@ async def test_cancel_mid_run_leaves_nothing_running_and_no_lease_live(cluster: 
 
 async def _nothing_runs(worker: Any) -> bool:
     return not worker.running
+
+
+def test_a_workflow_task_is_not_redriven_on_its_own() -> None:
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    from pantheon_es.domain import DecideContext
+    from pantheon_es.errors import ConflictError
+    from pantheon_es.specs import Resources
+    from pantheon_es.tasks import RedriveTask, TaskState, TaskStatus, decide
+
+    now = datetime.now(UTC)
+    task_id = "01J0000000000000000000000A"
+    state = TaskState(task_id=task_id, status=TaskStatus.FAILED, name="n", priority=200,
+                      resources=Resources(), executor_kind="python", submitted_at=now,
+                      last_activity_at=now, workflow_id="01J0000000000000000000000W")  # fmt: skip
+    ctx = DecideContext("t", task_id, now)
+    with pytest.raises(ConflictError) as refused:
+        decide(state, RedriveTask(task_id=task_id), ctx)
+    assert refused.value.details["workflow_id"] == "01J0000000000000000000000W"
+    alone = decide(replace(state, workflow_id=None), RedriveTask(task_id=task_id), ctx)
+    assert [type(e).__name__ for e in alone.events] == ["TaskRedriven"]
