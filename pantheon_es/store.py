@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -124,6 +125,7 @@ class EventStore:
         self.config = config or StoreConfig()
         self.stream = self.subjects.stream
         self._batch_slots = asyncio.Semaphore(self.config.max_inflight_batches)
+        self._acks: _Acks | None = None
 
     # -- provisioning ----------------------------------------------------------------------
     def stream_config(self) -> StreamConfig:
@@ -239,11 +241,14 @@ class EventStore:
         self, subject: str, payload: bytes, msg_id: str, expected_seq: int
     ) -> int:
         headers = {H_MSG_ID: msg_id, H_EXPECTED_SUBJECT_SEQ: str(expected_seq)}
-        try:
-            ack = await self.js.publish(subject, payload, headers=headers)
-        except nats.js.errors.APIError as exc:
-            raise _map_api_error(exc.err_code, exc.description or "") from None
-        return int(ack.seq)
+        if self._acks is None:
+            self._acks = _Acks(self.nc)
+        data = await self._acks.publish(subject, payload, headers, self.config.ack_timeout)
+        ack = orjson.loads(data)
+        error = ack.get("error")
+        if error:
+            raise _map_api_error(error.get("err_code"), error.get("description", ""))
+        return int(ack["seq"])
 
     async def _publish_batch(
         self, subject: str, payloads: Sequence[bytes], msg_ids: Sequence[str], expected_seq: int
@@ -444,6 +449,54 @@ class _WrongLastSequence(PantheonError):
 
 class _DuplicateInBatch(_WrongLastSequence):
     """10201: a message id of the batch is already stored (checked before the sequence)."""
+
+
+class _Acks:
+    """Publishes with a reply subject of its own and hands each JetStream ack to the
+    waiting append: one wildcard subscription and a timer per append, instead of
+    ``js.publish``'s request machinery (a ``wait_for`` and a PubAck object each time).
+    Measured with tools/bench (docs/decisions.md, "Appends")."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox()
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._next = itertools.count(1)
+        self._sub: Any = None
+        self._subscribing: asyncio.Lock = asyncio.Lock()
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
+    ) -> bytes:
+        if self._sub is None:
+            async with self._subscribing:
+                if self._sub is None:
+                    self._sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_ack)
+        token = str(next(self._next))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._pending[token] = future
+        timer = loop.call_later(timeout, self._expire, token)
+        try:
+            await self.nc.publish(subject, payload, reply=f"{self.prefix}.{token}", headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            self._pending.pop(token, None)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._pending.pop(msg.subject[len(self.prefix) + 1 :], None)
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(nats.errors.NoRespondersError())
+        else:
+            future.set_result(msg.data)
+
+    def _expire(self, token: str) -> None:
+        future = self._pending.pop(token, None)
+        if future is not None and not future.done():
+            future.set_exception(TimeoutError())
 
 
 def _map_api_error(err_code: int | None, description: str) -> PantheonError:
