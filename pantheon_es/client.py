@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,30 +271,55 @@ class PantheonClient:
         Listens to the task's committed-event notices, so it hears of the
         change as soon as the event is stored, then reads the state.
         """
-        changed = asyncio.Event()
-
-        async def on_notice(msg: Any) -> None:
-            changed.set()
-
-        sub = await self.nc.subscribe(
-            self.subjects.changed(self.tenant, "task", task_id), cb=on_notice
+        return await self._wait_on_notices(
+            [self.subjects.changed(self.tenant, "task", task_id)],
+            lambda: self.get_task(task_id),
+            lambda state: state["status"] in statuses,
+            f"task {task_id}",
+            timeout,
         )
+
+    async def _wait_on_notices(
+        self,
+        subjects: list[str],
+        read: Callable[[], Awaitable[dict[str, Any]]],
+        done: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout: float,
+        *,
+        recheck: float | None = None,
+        settle: float = 0.0,
+    ) -> dict[str, Any]:
+        """``read()`` until ``done`` says so, woken by committed-event notices on ``subjects``
+        (and every ``recheck`` seconds; ``settle``: let a burst of notices pass first)."""
+        wake = asyncio.Event()
+
+        async def on_notice(_msg: Any) -> None:
+            wake.set()
+
+        subs = [await self.nc.subscribe(subject, cb=on_notice) for subject in subjects]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            deadline = asyncio.get_running_loop().time() + timeout
             while True:
-                changed.clear()
-                state = await self.get_task(task_id)
-                if state["status"] in statuses:
+                wake.clear()
+                state = await read()
+                if done(state):
                     return state
-                remaining = deadline - asyncio.get_running_loop().time()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise UnavailableError(
-                        f"task {task_id} still {state['status']} after {timeout}s", retry_after=1.0
+                        f"{what} still {state['status']} after {timeout}s", retry_after=1.0
                     )
+                wait = remaining if recheck is None else min(remaining, recheck)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    await asyncio.wait_for(wake.wait(), wait)
+                if settle:
+                    await asyncio.sleep(settle)
         finally:
-            await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def cancel_task(self, task_id: str, reason: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"task_id": task_id}
@@ -351,38 +376,27 @@ class PantheonClient:
         Woken by the notices of committed task events of the tenant (no fixed-interval
         polling), with a 1 s safety re-check.
         """
-        wake = asyncio.Event()
+        finished = ("completed", "failed", "cancelled")
 
-        async def on_notice(_msg: Any) -> None:
-            wake.set()
+        async def read() -> dict[str, Any]:
+            state = await self.get_workflow(workflow_id, nodes=on_change is not None)
+            if on_change is not None:
+                on_change(state)
+            return state
 
-        subs = [
-            await self.nc.subscribe(self.subjects.changed(self.tenant, "workflow", workflow_id),
-                                    cb=on_notice),
-            await self.nc.subscribe(self.subjects.changed(self.tenant, "task"), cb=on_notice),
-        ]  # fmt: skip
-        deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            while True:
-                wake.clear()
-                state = await self.get_workflow(workflow_id, nodes=on_change is not None)
-                if on_change is not None:
-                    on_change(state)
-                if state["status"] in ("completed", "failed", "cancelled"):
-                    return state if on_change is not None else await self.get_workflow(workflow_id)
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    raise UnavailableError(
-                        f"workflow {workflow_id} still {state['status']} after {timeout}s",
-                        retry_after=1.0,
-                    )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), min(remaining, 1.0))
-                await asyncio.sleep(0.05)  # let a burst of notices settle into one query
-        finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        state = await self._wait_on_notices(
+            [
+                self.subjects.changed(self.tenant, "workflow", workflow_id),
+                self.subjects.changed(self.tenant, "task"),
+            ],
+            read,
+            lambda wf: wf["status"] in finished,
+            f"workflow {workflow_id}",
+            timeout,
+            recheck=1.0,
+            settle=0.05,
+        )
+        return state if on_change is not None else await self.get_workflow(workflow_id)
 
     async def monitor(self) -> dict[str, Any]:
         return await self.query("task", "monitor", {})

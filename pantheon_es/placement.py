@@ -338,6 +338,7 @@ class Placement:
                     frozenset(tenants) if tenants else frozenset({key[0]}), accepting)  # fmt: skip
         if old is not None:
             self._close(old)
+            self._unreserve(old)
             for job_key in old.jobs:
                 run = self.running.get(job_key)
                 if run is not None:
@@ -353,6 +354,7 @@ class Placement:
         if slot is None or slot.accepting == accepting:
             return
         self._close(slot)
+        self._unreserve(slot)
         slot.accepting = accepting
         self._open(slot)
         if accepting:
@@ -364,15 +366,20 @@ class Placement:
         if slot is None:
             return []
         self._close(slot)
+        self._unreserve(slot)
         return sorted(slot.jobs)
 
     def _open(self, slot: Slot) -> None:
+        """Count the slot's free slots as open (after a change to it)."""
         if slot.accepting:
             self._open_slots += max(slot.free_slots, 0)
 
     def _close(self, slot: Slot) -> None:
+        """Stop counting the slot's free slots (before a change to it)."""
         if slot.accepting:
             self._open_slots -= max(slot.free_slots, 0)
+
+    def _unreserve(self, slot: Slot) -> None:
         if slot.reserved_for is not None:
             job = self.jobs.get(slot.reserved_for)
             if job is not None:
@@ -423,11 +430,11 @@ class Placement:
         job = run.job
         slot = self.workers.get(run.worker)
         if slot is not None and key in slot.jobs:
-            self._close_slots(slot)
+            self._close(slot)
             slot.jobs.discard(key)
             slot.free.add(job.need, +1)
             slot.free_slots += 1
-            self._open_slots_of(slot)
+            self._open(slot)
         tenant = job.tenant
         self._running_by_tenant[tenant] -= 1
         if not self._running_by_tenant[tenant]:
@@ -450,23 +457,15 @@ class Placement:
             if limit is not None:
                 self._unpark(("ckey", ck), limit - left)
 
-    def _close_slots(self, slot: Slot) -> None:
-        if slot.accepting:
-            self._open_slots -= max(slot.free_slots, 0)
-
-    def _open_slots_of(self, slot: Slot) -> None:
-        if slot.accepting:
-            self._open_slots += max(slot.free_slots, 0)
-
     def _run(self, job: Job, worker: Key) -> None:
         self.running[job.key] = _Running(job, worker)
         slot = self.workers.get(worker)
         if slot is not None:
-            self._close_slots(slot)
+            self._close(slot)
             slot.jobs.add(job.key)
             slot.free.add(job.need, -1)
             slot.free_slots -= 1
-            self._open_slots_of(slot)
+            self._open(slot)
         tenant = job.tenant
         self._running_by_tenant[tenant] = self._running_by_tenant.get(tenant, 0) + 1
         if job.agent:
@@ -626,8 +625,13 @@ class Placement:
     def impossible(self, tenant: str, need: Amount) -> dict[str, Any] | None:
         """Why no registered worker could ever hold ``need`` (None if one could, or if no
         worker serving the tenant is registered: one may still join)."""
-        serving = [s for s in self.workers.values() if s.serves(tenant)]
-        if not serving or any(s.capacity.covers(need) for s in serving):
+        serving = []
+        for slot in self.workers.values():
+            if slot.serves(tenant):
+                if slot.capacity.covers(need):
+                    return None
+                serving.append(slot)
+        if not serving:
             return None
         return {
             "request": need.as_dict(),

@@ -613,12 +613,10 @@ class Scheduler:
             and new.last_activity_at > task.last_activity
         ):
             task.last_activity = new.last_activity_at
-        if (
-            record.type == "RetryScheduled"
-            and old.lease is not None
-            and record.data.get("error", {}).get("type") == "StartToCloseTimeout"
-        ):
-            self._stop_on_worker(task, old.lease, "start_to_close timeout")
+        if record.type == "RetryScheduled" and old.lease is not None:
+            # The attempt's lease ended: if the worker still runs it (a start-to-close
+            # timeout), it stops; one that reported the failure has nothing left to stop.
+            self._stop_on_worker(task, old.lease, "retry scheduled")
         if new.status == TaskStatus.PENDING:
             if old.status != TaskStatus.PENDING:
                 self._make_pending(task)

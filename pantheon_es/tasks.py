@@ -477,13 +477,17 @@ class TaskState:
         return self.attempt - self.attempts_base
 
 
+#: The fields an event changes (evolve applies them and the version in one ``replace``).
+Changes = dict[str, Any]
+
+
 @functools.singledispatch
-def _apply(data: EventData, state: TaskState, event: Event[Any]) -> TaskState:
+def _apply(data: EventData, state: TaskState, event: Event[Any]) -> Changes:
     raise InternalError(f"task aggregate cannot apply {event.type}")
 
 
 @_apply.register
-def _leased(data: LeaseGranted, state: TaskState, event: Event[Any]) -> TaskState:
+def _leased(data: LeaseGranted, state: TaskState, event: Event[Any]) -> Changes:
     lease = Lease(
         data.lease_id,
         data.worker_id,
@@ -493,8 +497,7 @@ def _leased(data: LeaseGranted, state: TaskState, event: Event[Any]) -> TaskStat
         data.ttl,
         data.worker_tenant,
     )
-    return replace(
-        state,
+    return dict(
         status=TaskStatus.LEASED,
         lease=lease,
         attempt=data.attempt,
@@ -504,9 +507,8 @@ def _leased(data: LeaseGranted, state: TaskState, event: Event[Any]) -> TaskStat
 
 
 @_apply.register
-def _started(data: TaskStarted, state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(
-        state,
+def _started(data: TaskStarted, state: TaskState, event: Event[Any]) -> Changes:
+    return dict(
         status=TaskStatus.RUNNING,
         started_at=data.started_at,
         last_activity_at=event.occurred_at,
@@ -514,32 +516,29 @@ def _started(data: TaskStarted, state: TaskState, event: Event[Any]) -> TaskStat
 
 
 @_apply.register
-def _renewed(data: LeaseRenewed, state: TaskState, event: Event[Any]) -> TaskState:
+def _renewed(data: LeaseRenewed, state: TaskState, event: Event[Any]) -> Changes:
     assert state.lease is not None
     activity = event.occurred_at if data.activity else state.last_activity_at
-    return replace(
-        state, lease=replace(state.lease, expires_at=data.expires_at), last_activity_at=activity
-    )
+    return dict(lease=replace(state.lease, expires_at=data.expires_at), last_activity_at=activity)
 
 
 @_apply.register
-def _progressed(data: TaskProgressed, state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(state, last_activity_at=event.occurred_at)
+def _progressed(data: TaskProgressed, state: TaskState, event: Event[Any]) -> Changes:
+    return dict(last_activity_at=event.occurred_at)
 
 
-def _back_to_pending(state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(state, status=TaskStatus.PENDING, lease=None, pending_since=event.occurred_at)
-
-
-@_apply.register
-def _blocked(data: TaskBlocked, state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(state, blocked=data.reason)
+def _back_to_pending(state: TaskState, event: Event[Any]) -> Changes:
+    return dict(status=TaskStatus.PENDING, lease=None, pending_since=event.occurred_at)
 
 
 @_apply.register
-def _retry_scheduled(data: RetryScheduled, state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(
-        state,
+def _blocked(data: TaskBlocked, state: TaskState, event: Event[Any]) -> Changes:
+    return dict(blocked=data.reason)
+
+
+@_apply.register
+def _retry_scheduled(data: RetryScheduled, state: TaskState, event: Event[Any]) -> Changes:
+    return dict(
         status=TaskStatus.PENDING,
         lease=None,
         pending_since=data.not_before,
@@ -549,9 +548,8 @@ def _retry_scheduled(data: RetryScheduled, state: TaskState, event: Event[Any]) 
 
 
 @_apply.register
-def _redriven(data: TaskRedriven, state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(
-        state,
+def _redriven(data: TaskRedriven, state: TaskState, event: Event[Any]) -> Changes:
+    return dict(
         status=TaskStatus.PENDING,
         lease=None,
         finished_at=None,
@@ -563,50 +561,48 @@ def _redriven(data: TaskRedriven, state: TaskState, event: Event[Any]) -> TaskSt
 
 
 @_apply.register
-def _expired(data: LeaseExpired, state: TaskState, event: Event[Any]) -> TaskState:
+def _expired(data: LeaseExpired, state: TaskState, event: Event[Any]) -> Changes:
     return _back_to_pending(state, event)
 
 
 @_apply.register
-def _released(data: LeaseReleased, state: TaskState, event: Event[Any]) -> TaskState:
+def _released(data: LeaseReleased, state: TaskState, event: Event[Any]) -> Changes:
     return _back_to_pending(state, event)
 
 
-def _finish(state: TaskState, status: TaskStatus, event: Event[Any]) -> TaskState:
+def _finish(state: TaskState, status: TaskStatus, event: Event[Any]) -> Changes:
     started = getattr(event.data, "started_at", None) or state.started_at
-    return replace(
-        state, status=status, lease=None, finished_at=event.occurred_at, started_at=started
-    )
+    return dict(status=status, lease=None, finished_at=event.occurred_at, started_at=started)
 
 
 @_apply.register
-def _completed(data: TaskCompleted, state: TaskState, event: Event[Any]) -> TaskState:
+def _completed(data: TaskCompleted, state: TaskState, event: Event[Any]) -> Changes:
     return _finish(state, TaskStatus.COMPLETED, event)
 
 
 @_apply.register
-def _failed(data: TaskFailed, state: TaskState, event: Event[Any]) -> TaskState:
+def _failed(data: TaskFailed, state: TaskState, event: Event[Any]) -> Changes:
     return _finish(state, TaskStatus.FAILED, event)
 
 
 @_apply.register
-def _timed_out(data: TaskTimedOut, state: TaskState, event: Event[Any]) -> TaskState:
+def _timed_out(data: TaskTimedOut, state: TaskState, event: Event[Any]) -> Changes:
     return _finish(state, TaskStatus.TIMED_OUT, event)
 
 
 @_apply.register
-def _cancelled(data: TaskCancelled, state: TaskState, event: Event[Any]) -> TaskState:
+def _cancelled(data: TaskCancelled, state: TaskState, event: Event[Any]) -> Changes:
     return _finish(state, TaskStatus.CANCELLED, event)
 
 
 @_apply.register
-def _skipped(data: TaskSkipped, state: TaskState, event: Event[Any]) -> TaskState:
+def _skipped(data: TaskSkipped, state: TaskState, event: Event[Any]) -> Changes:
     return _finish(state, TaskStatus.SKIPPED, event)
 
 
 @_apply.register
-def _archived(data: TaskArchived, state: TaskState, event: Event[Any]) -> TaskState:
-    return replace(state, archived=True)
+def _archived(data: TaskArchived, state: TaskState, event: Event[Any]) -> Changes:
+    return dict(archived=True)
 
 
 def evolve(state: TaskState | None, event: Event[Any]) -> TaskState:
@@ -632,8 +628,7 @@ def evolve(state: TaskState | None, event: Event[Any]) -> TaskState:
         )
     if state is None:
         raise InternalError(f"{event.type} before TaskSubmitted for {event.aggregate_id}")
-    new = _apply(data, state, event)
-    return replace(new, version=state.version + 1)
+    return replace(state, version=state.version + 1, **_apply(data, state, event))
 
 
 # -- decide ---------------------------------------------------------------------------------------

@@ -80,6 +80,17 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+def python(target: str, **kwargs: Any) -> dict[str, Any]:
+    """A ``python`` executor spec for a function of tests/task_targets.py."""
+    return {"kind": "python", "target": f"tests.task_targets:{target}", "kwargs": kwargs}
+
+
+async def history(cluster: Cluster, task_id: str, tenant: str = "default") -> list[Any]:
+    """A task's events, from the log."""
+    assert cluster.node.store is not None
+    return [h.event for h in await cluster.node.store.read_aggregate(tenant, "task", task_id)]
+
+
 def pythonpath_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(extra or {})

@@ -10,18 +10,7 @@ from typing import Any
 import pytest
 
 from pantheon_es.errors import StaleLeaseError
-from tests.conftest import Cluster, eventually
-
-PY = "tests.task_targets"
-
-
-def python(target: str, **kwargs: Any) -> dict[str, Any]:
-    return {"kind": "python", "target": f"{PY}:{target}", "kwargs": kwargs}
-
-
-async def history(cluster: Cluster, task_id: str) -> list[Any]:
-    assert cluster.node.store is not None
-    return [h.event for h in await cluster.node.store.read_aggregate("default", "task", task_id)]
+from tests.conftest import Cluster, eventually, history, python
 
 
 async def test_submitted_task_is_leased_run_and_completed_with_its_result(cluster: Cluster) -> None:

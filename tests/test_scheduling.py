@@ -12,19 +12,9 @@ import orjson
 import pytest
 
 from pantheon_es.errors import OverloadedError, UnschedulableError
-from tests.conftest import Cluster, eventually, pythonpath_env
+from tests.conftest import Cluster, eventually, history, python, pythonpath_env
 
-PY = "tests.task_targets"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def python(target: str, **kwargs: Any) -> dict[str, Any]:
-    return {"kind": "python", "target": f"{PY}:{target}", "kwargs": kwargs}
-
-
-async def history(cluster: Cluster, task_id: str) -> list[Any]:
-    assert cluster.node.store is not None
-    return [h.event for h in await cluster.node.store.read_aggregate("default", "task", task_id)]
 
 
 async def last_seq(cluster: Cluster) -> int:

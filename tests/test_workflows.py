@@ -8,13 +8,7 @@ import pytest
 
 from pantheon_es.errors import InvalidError
 from pantheon_es.workflows import WorkflowNode, find_cycle, validate_graph
-from tests.conftest import Cluster, eventually
-
-PY = "tests.task_targets"
-
-
-def python(target: str, **kwargs: Any) -> dict[str, Any]:
-    return {"kind": "python", "target": f"{PY}:{target}", "kwargs": kwargs}
+from tests.conftest import Cluster, eventually, python
 
 
 def node(name: str, *deps: str, **extra: Any) -> dict[str, Any]:
