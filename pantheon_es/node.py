@@ -43,8 +43,9 @@ from pantheon_es.scheduler import Scheduler, SchedulerConfig
 from pantheon_es.service import CommandService, ServiceConfig
 from pantheon_es.store import EventFeed, EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
-from projections.projector import Projector
+from projections.projector import Projector, current_digest
 from projections.runner import ReadSide
+from projections.snapshots import restore_snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -185,6 +186,9 @@ class Node:
             self.scheduler.bootstrap(projector.db, projector.position, await self.store.last_seq())
             projector.sinks.append(self.scheduler.feed)
         else:
+            # Restore a snapshot here, before the read side starts, so that the scheduler
+            # below bootstraps from it too (the child then finds the database current).
+            await restore_snapshot(self.store, self.db_path, digest=current_digest())
             await self.children.add(
                 read_side_child(self.nats_url, cfg.root, cfg.data_dir, cfg.retention)
             )

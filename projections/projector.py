@@ -36,6 +36,12 @@ from pantheon_es.events import EventRecord, decode_record
 from pantheon_es.store import EventStore, RawEvent
 from projections.base import Batch, ReadModel, Row, Table
 from projections.messages import MessagesModel
+from projections.snapshots import (
+    DEFAULT_RESTORE_GAP,
+    SnapshotInfo,
+    remove_database,
+    restore_snapshot,
+)
 from projections.tasks import TasksModel
 from projections.workers import WorkersModel
 from projections.workflows import WorkflowsModel
@@ -64,6 +70,11 @@ def schema_digest(tables: Sequence[Table]) -> str:
 def default_models() -> list[ReadModel]:
     """Every read model, in the order they are applied."""
     return [TasksModel(), MessagesModel(), WorkersModel(), WorkflowsModel()]
+
+
+def current_digest() -> str:
+    """The schema digest of the default read models (what snapshots are matched on)."""
+    return schema_digest([t for m in default_models() for t in m.tables])
 
 
 #: Rows written per executemany call; the loop gets a turn between chunks.
@@ -109,6 +120,8 @@ class Projector:
         kv: bool = True,
         batch_size: int = 2000,
         skip_unknown: bool = False,
+        snapshots: bool = False,
+        restore_gap: int = DEFAULT_RESTORE_GAP,
     ) -> None:
         self.store = store
         self.db_path = Path(db_path)
@@ -117,6 +130,11 @@ class Projector:
         self.kv_enabled = kv
         self.batch_size = batch_size
         self.skip_unknown = skip_unknown
+        #: Restore the newest snapshot at open() when the database is missing or far behind.
+        self.snapshots = snapshots
+        self.restore_gap = restore_gap
+        #: The snapshot open() restored, if any.
+        self.restored: SnapshotInfo | None = None
         self.position = 0  # last applied stream sequence
         self.kv_position = 0  # last sequence whose KV writes are acknowledged
         self.db: sqlite3.Connection | None = None
@@ -140,6 +158,14 @@ class Projector:
         await self.shutdown()
 
     async def open(self) -> None:
+        if self.snapshots:
+            self.restored = await restore_snapshot(
+                self.store,
+                self.db_path,
+                digest=schema_digest(self._tables),
+                name=self.name,
+                min_gap=self.restore_gap,
+            )
         self.db = open_writer(self.db_path)
         self.db.executescript(CHECKPOINT_DDL)
         self._migrate(self.db)
@@ -422,12 +448,6 @@ async def dump_tables(
         await db.close()
 
 
-def _remove_database(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"{path}{suffix}").unlink()
-
-
 async def rebuild(
     store: EventStore,
     db_path: Path | str,
@@ -438,7 +458,7 @@ async def rebuild(
 ) -> int:
     """Build every read model into a new database from sequence 1; returns the last seq applied."""
     path = Path(db_path)
-    _remove_database(path)
+    remove_database(path)
     projector = Projector(store, path, kv=False, skip_unknown=skip_unknown)
     await projector.open()
     try:

@@ -52,7 +52,7 @@ class ReadSide:
         commands: Any = None,
     ) -> None:
         self.store = store
-        self.projector = Projector(store, db_path, batch_size=batch_size)
+        self.projector = Projector(store, db_path, batch_size=batch_size, snapshots=True)
         self.query = QueryService(store.nc, store, self.projector)
         self.retention = retention
         self.commands = commands
