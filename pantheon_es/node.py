@@ -195,8 +195,9 @@ class Node:
             position = await asyncio.to_thread(
                 self._bootstrap_from_disk, await self.store.last_seq()
             )
+            # Started by run(): nothing drains it before, and a long log would pile up
+            # in the client (slow consumer) while the read side catches up.
             self._feed = self.store.feed(from_seq=position + 1)
-            await self._feed.start()
             await self._wait_for_queries()
         for child in worker_children(
             self.nats_url,
@@ -235,13 +236,17 @@ class Node:
             db.close()
 
     async def _wait_for_queries(self, timeout: float = 60.0) -> None:
-        """The read side answers queries (so clients never meet "no responders")."""
+        """The read side answers queries (so clients never meet "no responders").
+
+        ``min_seq=0``: an answer from read models still catching up counts (a node on a
+        long log without a snapshot serves commands meanwhile).
+        """
         assert self.nc is not None
         client = PantheonClient(self.nc, subjects=self.subjects, timeout=2)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                await client.list_tasks(limit=1)
+                await client.list_tasks(limit=1, min_seq=0)
                 return
             except UnavailableError:
                 if asyncio.get_running_loop().time() > deadline:
@@ -282,6 +287,7 @@ class Node:
 
     async def _tail_for_scheduler(self) -> None:
         assert self._feed is not None and self.scheduler is not None
+        await self._feed.start()
         while True:
             batch = await self._feed.next_batch(2000)
             if not batch:
