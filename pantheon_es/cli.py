@@ -348,6 +348,15 @@ def up(
             "one NATS one schedules, the others stand by (0: no election).",
         ),
     ] = 5.0,
+    snapshot_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Snapshot the read models into JetStream every N events applied, so a "
+            "restart with an empty data dir restores it and replays only the rest (0: off; "
+            "see `pantheon snapshot`).",
+        ),
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run a node: NATS, command service, projections, scheduler and local workers.
@@ -392,6 +401,7 @@ def up(
         ),
         retention=retention * 60 if retention is not None else None,
         leader_ttl=leader_ttl,
+        snapshot_every=snapshot_every or None,
     )
 
     async def main() -> None:
@@ -1072,6 +1082,9 @@ def projector(
     retention: Annotated[
         float | None, typer.Option(help="Archive finished tasks this many seconds after.")
     ] = None,
+    snapshot_every: Annotated[
+        int, typer.Option(min=0, help="Snapshot the read models every N events (0: off).")
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """The read side (projector, queries, retention) as a process of its own; `up` starts it."""
@@ -1084,7 +1097,9 @@ def projector(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_read_side(nats_url, root, data_dir, retention, stop)
+        await run_read_side(
+            nats_url, root, data_dir, retention, stop, snapshot_every=snapshot_every or None
+        )
 
     _run(main())
 

@@ -71,6 +71,8 @@ class NodeConfig:
     worker_slots: int = 16
     #: Archive finished tasks this many seconds after they finished (None: keep).
     retention: float | None = None
+    #: The read side snapshots its read models every this many events (None: never).
+    snapshot_every: int | None = None
     #: Scheduler leadership lease, seconds (0: no election; this node always schedules).
     leader_ttl: float = 5.0
 
@@ -179,6 +181,7 @@ class Node:
                 batch_size=cfg.projector_batch,
                 retention=cfg.retention,
                 commands=self.service,
+                snapshot_every=cfg.snapshot_every,
             )
             await self.read.start()
             projector = self.read.projector
@@ -190,7 +193,9 @@ class Node:
             # below bootstraps from it too (the child then finds the database current).
             await restore_snapshot(self.store, self.db_path, digest=current_digest())
             await self.children.add(
-                read_side_child(self.nats_url, cfg.root, cfg.data_dir, cfg.retention)
+                read_side_child(
+                    self.nats_url, cfg.root, cfg.data_dir, cfg.retention, cfg.snapshot_every
+                )
             )
             position = await asyncio.to_thread(
                 self._bootstrap_from_disk, await self.store.last_seq()

@@ -209,3 +209,30 @@ async def test_snapshot_cli_makes_lists_and_refuses_bad_input_appending_nothing(
     bad = await asyncio.to_thread(cli, *where, "--keep", "0", "--data-dir", str(tmp_path))
     assert bad.returncode == 2
     assert await stack.store.last_seq() == head, "the tool never appends"
+
+
+async def test_read_side_with_snapshot_every_makes_snapshots_as_events_arrive(
+    nats_server: EmbeddedNats, store: EventStore, tmp_path: Path
+) -> None:
+    node = Node(NodeConfig(nats_url=nats_server.url, root=store.subjects.root, workers=0,
+                           leader_ttl=0, snapshot_every=5, data_dir=tmp_path))  # fmt: skip
+    async with node:
+        run = asyncio.create_task(node.run())
+        try:
+            assert node.nc is not None
+            c = PantheonClient(node.nc, subjects=node.subjects, timeout=10)
+            made: list[Any] = []
+            for round_ in range(2):  # each round: 6 more events, then one more snapshot
+                for i in range(6):
+                    await c.submit_task(f"p{round_}-{i}", SHELL)
+
+                async def one_more(n: int = round_ + 1) -> list[Any]:
+                    found = await SnapshotStore(store).list_snapshots()
+                    return found if len(found) >= n else []
+
+                made = await eventually(one_more)
+            assert all(s.last_seq >= 5 for s in made)
+            assert made[0].last_seq - made[1].last_seq >= 5, "one per 5 events at most"
+        finally:
+            node.request_stop()
+            await asyncio.wait_for(run, 30)
