@@ -1428,10 +1428,10 @@ def snapshot(
 ) -> None:
     """Store a snapshot of the read models in JetStream (object store <namespace>-snapshots).
 
-    Copies the read-model database of the node on --data-dir at its checkpoint (consistently,
-    while the node runs) and uploads it. A projector that starts with no database, or one far
-    behind, restores the newest snapshot with its schema and applies only the rest of the log.
-    Never appends to the event log. The snapshot covers every tenant (--tenant is not used).
+    Copies the read models of the node on --data-dir at their checkpoint, while it runs.
+    A node starting with no read models (or far behind) restores the newest snapshot
+    and replays only the rest of the log. Never appends to the event log.
+    A snapshot covers every tenant (--tenant is not used).
     """
     from tools.snapshot import snapshot as make
 
