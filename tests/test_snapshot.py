@@ -236,3 +236,24 @@ async def test_read_side_with_snapshot_every_makes_snapshots_as_events_arrive(
         finally:
             node.request_stop()
             await asyncio.wait_for(run, 30)
+
+
+def test_bench_replay_generates_valid_events_of_whole_task_lives() -> None:
+    from collections import Counter
+
+    from pantheon_es.events import decode
+    from pantheon_es.subjects import Subjects
+    from tools.bench_replay import events
+
+    subjects = Subjects("pantheon")
+    made = list(events(1000, subjects))
+    assert len(made) == 1000
+    decoded = [decode(payload, i) for i, (_subject, payload) in enumerate(made, 1)]
+    kinds = Counter(e.type for e in decoded)
+    assert kinds["WorkerRegistered"] == 4
+    assert kinds["TaskSubmitted"] >= kinds["TaskCompleted"] > 0
+    assert kinds["MessagesDelivered"] > 0  # the last life may be cut after its MessageSent
+    assert kinds["MessageSent"] - kinds["MessagesDelivered"] in (0, 1)
+    assert len({e.event_id for e in decoded}) == 1000, "every event id is unique"
+    for (subject, _payload), e in zip(made, decoded, strict=True):
+        assert subject == subjects.aggregate(e.tenant, e.aggregate, e.aggregate_id)
