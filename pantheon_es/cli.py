@@ -1460,6 +1460,7 @@ def replay(
         raise typer.BadParameter(f"{out_file} exists; pass --force to overwrite it")
     if not out_file.parent.is_dir():
         raise typer.BadParameter(f"directory {out_file.parent} does not exist")
+    logs.configure("warning")  # on stderr: --json keeps stdout to itself
 
     async def main(client: PantheonClient) -> Any:
         from pantheon_es.errors import UnknownEventTypeError
@@ -1517,6 +1518,7 @@ def verify(
     from tools.verify import verify as run_verify
 
     db_path = db if db is not None else data_dir / DB_NAME
+    logs.configure("warning")
 
     async def main(client: PantheonClient) -> Any:
         from pantheon_es.store import EventStore

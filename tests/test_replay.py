@@ -191,14 +191,20 @@ def test_replay_cli_refuses_an_existing_out_with_exit_2(tmp_path: Path) -> None:
 async def test_replay_cli_builds_the_file_and_prints_a_json_summary(
     nats_server: EmbeddedNats, nc: NATS, store: EventStore, tmp_path: Path
 ) -> None:
-    for _ in range(3):
-        await store.append([submitted(ids.new_id())], expected_seq=0)
+    await log_with_an_unknown_event(store)  # 4 events, the third of an unknown type
     out = tmp_path / "state.db"
-    result = await asyncio.to_thread(
-        run, "replay", "--nats-url", nats_server.url, "--namespace", store.subjects.root,
-        "--out", str(out), "--until-seq", "2", "--json", data_dir=tmp_path / "d",
-    )  # fmt: skip
-    summary = json.loads(result.stdout)
-    assert summary["out"] == str(out) and summary["last_seq"] == 2 and summary["events"] == 2
+    options = ("--nats-url", nats_server.url, "--namespace", store.subjects.root,
+               "--out", str(out), "--json")  # fmt: skip
+    stopped = await asyncio.to_thread(run, "replay", *options, data_dir=tmp_path / "d",
+                                      check=False)  # fmt: skip
+    assert stopped.returncode == 1
+    assert "at stream sequence 3; pass --skip-unknown" in plain(stopped.stderr)
+    assert stopped.stdout == "" and listing(tmp_path) == []
+
+    result = await asyncio.to_thread(run, "replay", *options, "--skip-unknown", "--until-seq",
+                                     "4", data_dir=tmp_path / "d")  # fmt: skip
+    summary = json.loads(result.stdout)  # the skip's warning went to stderr
+    assert summary["out"] == str(out) and summary["last_seq"] == 4 and summary["events"] == 3
     assert set(summary) >= {"out", "last_seq", "events", "seconds"}
-    assert len((await asyncio.to_thread(read_tables, out, TABLES))[1]["tasks"]) == 2
+    assert "TaskTeleported" in result.stderr or "skipping unknown" in result.stderr
+    assert len((await asyncio.to_thread(read_tables, out, TABLES))[1]["tasks"]) == 3
