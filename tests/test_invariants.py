@@ -226,9 +226,9 @@ ops = st.lists(
 )
 
 
-def _event(data: EventData) -> Any:
+def _event(data: EventData, occurred_at: datetime = T0) -> Any:
     return make_event(
-        data, event_id=ids.new_id(), tenant="default", aggregate_id=TASK, occurred_at=T0,
+        data, event_id=ids.new_id(), tenant="default", aggregate_id=TASK, occurred_at=occurred_at,
         actor="test", correlation_id="c", causation_id=None,
     )  # fmt: skip
 
@@ -273,3 +273,87 @@ def test_a_delivery_reordered_across_priorities_is_caught(script: list[Op]) -> N
     checker = InvariantChecker()
     checker.feed(records)
     assert [(v.invariant, v.seq) for v in checker.violations] == [("message_order", last.seq)]
+
+
+# -- property: any history the task domain accepts keeps the lease invariants ----------------------
+
+# reports and grants weighted up, so that most histories lease, run and finish several times
+TASK_OPS = (
+    ["grant"] * 4
+    + ["start", "heartbeat", "progress"] * 3
+    + ["complete", "fail", "release", "expire", "cancel", "redrive", "start_to_close", "inactivity"]
+)
+task_scripts = st.lists(
+    st.tuples(
+        st.sampled_from(TASK_OPS),
+        st.one_of(st.just(-1), st.integers(0, 7)),  # -1: the newest lease
+        st.floats(0, 6),
+    ),
+    max_size=60,
+)
+
+
+def _task_command(op: str, lease: tuple[str, int], n_leases: int) -> Any:
+    from pantheon_es import tasks as t
+    from pantheon_es.specs import ErrorInfo
+
+    report = {"task_id": TASK, "lease_id": lease[0], "fencing_token": lease[1]}
+    if op == "grant":
+        return t.GrantLease(task_id=TASK, lease_id=f"L{n_leases + 1}", worker_id="w1", ttl=10.0)
+    simple: dict[str, Any] = {
+        "start": lambda: t.StartTask(**report),
+        "heartbeat": lambda: t.Heartbeat(**report),
+        "progress": lambda: t.ReportProgress(**report),
+        "complete": lambda: t.CompleteTask(**report),
+        "fail": lambda: t.FailTask(**report, error=ErrorInfo(type="E", message="m")),
+        "release": lambda: t.ReleaseTask(**report),
+        "expire": lambda: t.ExpireLease(task_id=TASK, lease_id=lease[0]),
+        "cancel": lambda: t.CancelTask(task_id=TASK),
+        "redrive": lambda: t.RedriveTask(task_id=TASK),
+        "start_to_close": lambda: t.TimeOutTask(task_id=TASK, timeout=3.0,
+                                                kind="start_to_close", lease_id=lease[0]),
+        "inactivity": lambda: t.TimeOutTask(task_id=TASK, timeout=8.0),
+    }  # fmt: skip
+    return simple[op]()
+
+
+def _task_history(script: list[tuple[str, int, float]]) -> list[EventRecord]:
+    from pantheon_es import tasks as t
+    from pantheon_es.domain import DecideContext
+    from pantheon_es.errors import PantheonError
+
+    now = T0
+    submit = t.SubmitTask(name="t", executor={"kind": "shell", "argv": ["true"]},
+                          retry={"max_attempts": 3, "initial_interval": 1.0})  # fmt: skip
+    commands: list[Any] = [submit]
+    state: Any = None
+    records: list[EventRecord] = []
+    leases: list[tuple[str, int]] = []
+    for i in range(len(script) + 1):
+        if i:
+            op, pick, dt = script[i - 1]
+            now += timedelta(seconds=dt)
+            lease = leases[pick % len(leases) if pick >= 0 else -1] if leases else ("L0", 1)
+            commands = [_task_command(op, lease, len(leases))]
+        try:
+            decision = t.decide(state, commands[0], DecideContext("default", TASK, now))
+        except PantheonError:
+            continue  # refused: nothing appended
+        for data in decision.events:
+            event = _event(data, now)
+            records.append(decode_record(encode(event), len(records) + 1))
+            state = t.evolve(state, event)
+            if isinstance(data, t.LeaseGranted):
+                leases.append((data.lease_id, data.fencing_token))
+    return records
+
+
+@settings(max_examples=150, deadline=None)
+@given(task_scripts)
+def test_histories_the_task_domain_accepts_break_no_invariant(
+    script: list[tuple[str, int, float]],
+) -> None:
+    records = _task_history(script)
+    checker = InvariantChecker()
+    checker.feed(records)
+    assert checker.violations == [], [r.type for r in records]

@@ -114,6 +114,19 @@ class _Worker:
     slots: int
     #: task -> resources of its live lease on this worker
     held: dict[TaskKey, dict[str, float]] = field(default_factory=dict)
+    #: the sum of ``held`` (kept as leases come and go: a check costs O(resources))
+    used: dict[str, float] = field(default_factory=dict)
+
+    def hold(self, task: TaskKey, need: dict[str, float]) -> None:
+        self.drop(task)
+        self.held[task] = need
+        for name, amount in need.items():
+            self.used[name] = self.used.get(name, 0.0) + amount
+
+    def drop(self, task: TaskKey) -> None:
+        need = self.held.pop(task, None)
+        for name, amount in (need or {}).items():
+            self.used[name] -= amount
 
 
 @dataclass(slots=True)
@@ -263,7 +276,7 @@ class InvariantChecker:
         worker = self._workers.get(worker_key)
         if worker is None:
             return  # never registered in this log: no capacity to hold it against
-        worker.held[key] = task.need
+        worker.hold(key, task.need)
         self._check_capacity(ev, worker_key, worker)
 
     def _check_capacity(self, ev: EventRecord, worker_key: WorkerKey, worker: _Worker) -> None:
@@ -274,13 +287,9 @@ class InvariantChecker:
                 f"worker {worker_key[1]} holds {len(worker.held)} live leases, "
                 f"{worker.slots} slots",
             )
-        used: dict[str, float] = {}
-        for need in worker.held.values():
-            for name, amount in need.items():
-                used[name] = used.get(name, 0.0) + amount
         over = [
             f"{name} {amount:g} > {worker.capacity.get(name, 0.0):g}"
-            for name, amount in sorted(used.items())
+            for name, amount in sorted(worker.used.items())
             if amount > worker.capacity.get(name, 0.0) + EPS
         ]
         if over:
@@ -294,7 +303,7 @@ class InvariantChecker:
         if task.lease is not None:
             worker = self._workers.get(task.lease.worker)
             if worker is not None:
-                worker.held.pop(key, None)
+                worker.drop(key)
         task.lease = None
 
     def _terminal(self, ev: EventRecord, key: TaskKey, task: _Task) -> None:
@@ -317,7 +326,9 @@ class InvariantChecker:
             capacity = resource_vector(ev.data.get("capacity"), 0.0)
             old = self._workers.get(key)
             # A re-registration keeps what the worker runs, as the scheduler does.
-            worker = _Worker(capacity, int(ev.data.get("slots", 1)), old.held if old else {})
+            worker = _Worker(capacity, int(ev.data.get("slots", 1)))
+            if old is not None:
+                worker.held, worker.used = old.held, old.used
             self._workers[key] = worker
             if worker.held:
                 self._check_capacity(ev, key, worker)
