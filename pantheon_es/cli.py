@@ -1447,6 +1447,7 @@ def replay(
     live log, database and state bucket are only read. A failed replay leaves no
     file. See docs/operations.md, "Replay and verify".
     """
+    from pantheon_es.node import tune_gc
     from tools.replay import parse_time
     from tools.replay import replay as run_replay
 
@@ -1461,6 +1462,7 @@ def replay(
     if not out_file.parent.is_dir():
         raise typer.BadParameter(f"directory {out_file.parent} does not exist")
     logs.configure("warning")  # on stderr: --json keeps stdout to itself
+    tune_gc()
 
     async def main(client: PantheonClient) -> Any:
         from pantheon_es.errors import UnknownEventTypeError
@@ -1514,11 +1516,12 @@ def verify(
     capacity, terminal events, message order, dependencies), naming each event
     that breaks one. Exit code 0 if all agree, 1 on any difference or violation.
     """
-    from pantheon_es.node import DB_NAME
+    from pantheon_es.node import DB_NAME, tune_gc
     from tools.verify import verify as run_verify
 
     db_path = db if db is not None else data_dir / DB_NAME
     logs.configure("warning")
+    tune_gc()
 
     async def main(client: PantheonClient) -> Any:
         from pantheon_es.store import EventStore
