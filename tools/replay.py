@@ -188,6 +188,7 @@ async def replay(
     Raises:
         InvalidError: both ``until_seq`` and ``until``, or ``until_seq`` past the log's end.
         ConflictError: ``out`` exists and ``force`` is not set.
+        InvalidError: ``out`` cannot be written (permissions, disk full).
         UnknownEventTypeError: an event type this build does not know (naming its
             sequence), unless ``skip_unknown``.
     """
@@ -222,8 +223,10 @@ async def replay(
             store, partial, target, skip_unknown=skip_unknown, progress=progress, sinks=[count]
         )
         _install(partial, out)
-    except BaseException:
+    except BaseException as exc:
         remove_database(partial)
+        if isinstance(exc, OSError | sqlite3.Error):
+            raise InvalidError(f"cannot write {out}: {exc}", details={"out": str(out)}) from exc
         raise
     return ReplaySummary(
         out=str(out),
