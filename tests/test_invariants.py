@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pantheon_es import ids
 from pantheon_es.events import EventData, EventRecord, decode_record, encode, make_event
 from pantheon_es.mailbox import MailboxState, MessagePriority, MessagesDelivered, MessageSent
 from pantheon_es.mailbox import evolve as mailbox_evolve
-from tools.invariants import InvariantChecker
+from tools.invariants import TERMINAL_EVENTS, InvariantChecker
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 TASK, OTHER = "01JTASK0000000000000000001", "01JTASK0000000000000000002"
@@ -357,3 +357,20 @@ def test_histories_the_task_domain_accepts_break_no_invariant(
     checker = InvariantChecker()
     checker.feed(records)
     assert checker.violations == [], [r.type for r in records]
+
+
+@settings(max_examples=100, deadline=None)
+@given(task_scripts)
+def test_a_report_forged_under_an_ended_lease_is_caught(
+    script: list[tuple[str, int, float]],
+) -> None:
+    records = _task_history(script)
+    ends = {"LeaseExpired", "LeaseReleased", "RetryScheduled", *TERMINAL_EVENTS}
+    ended = [r.data["lease_id"] for r in records if r.type in ends and r.data.get("lease_id")]
+    assume(ended)
+    last = records[-1]
+    forged = last._replace(seq=last.seq + 1, event_id="forged", type="TaskProgressed",
+                           data={"lease_id": ended[0]})  # fmt: skip
+    checker = InvariantChecker()
+    checker.feed([*records, forged])
+    assert [(v.invariant, v.seq) for v in checker.violations] == [("stale_report", forged.seq)]
