@@ -151,3 +151,18 @@ def test_verify_cli_without_a_database_is_a_typed_error(
     assert result.returncode == 1
     assert "not_found" in result.stderr and "no read-model database" in result.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_compare_table_names_missing_extra_and_changed_rows_by_key() -> None:
+    from projections.base import Table
+    from tools.verify import compare_table
+
+    table = Table("t", ("tenant", "id", "name", "n"), ("tenant", "id"), "")
+    rebuilt = [("a", "1", "x", 1), ("a", "2", "y", 2), ("b", "1", "z", 3)]
+    live = [("a", "1", "x", 1), ("a", "2", "y", 20), ("c", "9", "q", 0)]
+    diff = compare_table(table, live, rebuilt)
+    assert not diff.equal and (diff.live_rows, diff.rebuilt_rows) == (3, 3)
+    assert diff.missing == [["b", "1"]] and diff.extra == [["c", "9"]]
+    assert diff.changed == [{"key": ["a", "2"], "columns": {"n": [20, 2]}}]
+    same = compare_table(table, rebuilt, list(rebuilt))
+    assert same.equal and same.missing == same.extra == same.changed == []
