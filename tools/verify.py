@@ -1,24 +1,27 @@
 """`pantheon verify`: the live read models against a rebuild, and the history's invariants.
 
-1. The live read-model database is read in one SQLite read transaction (its
-   checkpoint and rows agree), the log is folded into a temporary database up
-   to that checkpoint, and the two are compared table by table: a checksum per
-   table and, where they differ, every differing row named by its key
-   (``missing``: in the rebuild, not live; ``extra``: live only; ``changed``:
-   the columns that differ).
+1. The live read-model database is copied with SQLite's online backup in one
+   read transaction (its checkpoint and rows agree), the log is folded into a
+   temporary database up to that checkpoint, and the two are compared table
+   by table, streaming both in key order: a checksum per table and, where
+   they differ, every differing row named by its key (``missing``: in the
+   rebuild, not live; ``extra``: live only; ``changed``: the columns that
+   differ).
 2. The same read of the log, continued to its last sequence, goes through
    :class:`tools.invariants.InvariantChecker`, which names every event that
    breaks an invariant.
 
-Nothing is written anywhere but the temporary database.
+Nothing is written anywhere but a temporary directory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +115,38 @@ class VerifyReport:
         }
 
 
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise NotFoundError(f"no read-model database at {path} (see --db)")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def _checkpoint(db: sqlite3.Connection, path: Path, tables: list[Table]) -> int:
+    """The database's checkpoint, once its read-model schema is known to be this build's."""
+    try:
+        row = db.execute(
+            "SELECT last_seq FROM projector_checkpoint WHERE name = ?", (CHECKPOINT_NAME,)
+        ).fetchone()
+        digest = db.execute(
+            "SELECT digest FROM projector_schema WHERE name = ?", (CHECKPOINT_NAME,)
+        ).fetchone()
+    except sqlite3.OperationalError as exc:
+        raise NotFoundError(f"{path} is not a read-model database ({exc})") from None
+    if digest is not None and digest[0] != schema_digest(tables):
+        raise ConflictError(
+            f"{path} holds read models of another schema than this build's; "
+            "restart its projector (it rebuilds them) and verify again"
+        )
+    return int(row[0]) if row else 0
+
+
+def _rows(db: sqlite3.Connection, table: Table) -> Iterator[tuple[Any, ...]]:
+    cols, order = ", ".join(table.columns), ", ".join(table.key)
+    return (tuple(r) for r in db.execute(f"SELECT {cols} FROM {table.name} ORDER BY {order}"))
+
+
 def read_tables(db_path: Path | str, tables: list[Table]) -> tuple[int, dict[str, Rows]]:
     """(checkpoint, rows of every table in key order), read in one transaction.
 
@@ -120,72 +155,90 @@ def read_tables(db_path: Path | str, tables: list[Table]) -> tuple[int, dict[str
         ConflictError: its tables were made by a build with other read-model schemas.
     """
     path = Path(db_path)
-    if not path.is_file():
-        raise NotFoundError(f"no read-model database at {path} (see --db)")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    db = _open_read_only(path)
     try:
-        db.execute("PRAGMA busy_timeout=5000")
         db.execute("BEGIN")  # one snapshot while the live projector goes on writing
-        try:
-            row = db.execute(
-                "SELECT last_seq FROM projector_checkpoint WHERE name = ?", (CHECKPOINT_NAME,)
-            ).fetchone()
-            digest = db.execute(
-                "SELECT digest FROM projector_schema WHERE name = ?", (CHECKPOINT_NAME,)
-            ).fetchone()
-        except sqlite3.OperationalError as exc:
-            raise NotFoundError(f"{path} is not a read-model database ({exc})") from None
-        if digest is not None and digest[0] != schema_digest(tables):
-            raise ConflictError(
-                f"{path} holds read models of another schema than this build's; "
-                "restart its projector (it rebuilds them) and verify again"
-            )
-        rows: dict[str, Rows] = {}
-        for table in tables:
-            cols = ", ".join(table.columns)
-            order = ", ".join(table.key)
-            rows[table.name] = [
-                tuple(r) for r in db.execute(f"SELECT {cols} FROM {table.name} ORDER BY {order}")
-            ]
+        checkpoint = _checkpoint(db, path, tables)
+        rows = {table.name: list(_rows(db, table)) for table in tables}
         db.execute("COMMIT")
     finally:
         db.close()
-    return (int(row[0]) if row else 0), rows
+    return checkpoint, rows
 
 
-def checksum(rows: Rows) -> str:
-    """sha256 of a table's rows in key order."""
-    digest = hashlib.sha256()
-    for r in rows:
-        digest.update(orjson.dumps(r))
-        digest.update(b"\n")
-    return digest.hexdigest()
+def snapshot(db_path: Path | str, dest: Path, tables: list[Table]) -> int:
+    """Copy the live database as it is at one moment to ``dest``; returns its checkpoint.
+
+    SQLite's online backup in one step holds a single read transaction, so
+    the copy is consistent while the live projector goes on writing, and the
+    comparison then streams both files without holding the live one open.
+    """
+    path = Path(db_path)
+    src = _open_read_only(path)
+    dst = sqlite3.connect(dest, isolation_level=None)
+    try:
+        src.backup(dst)
+        return _checkpoint(dst, path, tables)
+    finally:
+        dst.close()
+        src.close()
 
 
-def compare_table(table: Table, live: Rows, rebuilt: Rows) -> TableDiff:
-    """Checksums of both, and every differing row named by its key."""
-    diff = TableDiff(
-        table.name, len(live), len(rebuilt), checksum(live), checksum(rebuilt), table.key
-    )
-    if diff.equal:
-        return diff
+def compare_table(
+    table: Table, live: Iterable[tuple[Any, ...]], rebuilt: Iterable[tuple[Any, ...]]
+) -> TableDiff:
+    """Checksums of both, and every differing row named by its key.
+
+    Both sides come in key order (``ORDER BY`` the key, which for text is the
+    code-point order Python compares by); they are merged in one pass, so only
+    the differences are held in memory.
+    """
     positions = [table.columns.index(k) for k in table.key]
+    hashes = {"live": hashlib.sha256(), "rebuilt": hashlib.sha256()}
+    counts = {"live": 0, "rebuilt": 0}
+    missing: list[list[Any]] = []
+    extra: list[list[Any]] = []
+    changed: list[dict[str, Any]] = []
+    sides = {"live": iter(live), "rebuilt": iter(rebuilt)}
 
-    def keyed(rows: Rows) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-        return {tuple(r[i] for i in positions): r for r in rows}
+    def take(side: str) -> tuple[Any, ...] | None:
+        row = next(sides[side], None)
+        if row is not None:
+            hashes[side].update(orjson.dumps(row) + b"\n")
+            counts[side] += 1
+        return row
 
-    live_by_key, rebuilt_by_key = keyed(live), keyed(rebuilt)
-    for key, row in rebuilt_by_key.items():
-        other = live_by_key.get(key)
-        if other is None:
-            diff.missing.append(list(key))
-        elif other != row:
-            columns = {
-                c: [lv, rv] for c, lv, rv in zip(table.columns, other, row, strict=True) if lv != rv
-            }
-            diff.changed.append({"key": list(key), "columns": columns})
-    diff.extra = [list(k) for k in live_by_key if k not in rebuilt_by_key]
-    return diff
+    lv, rv = take("live"), take("rebuilt")
+    while lv is not None or rv is not None:
+        lk = tuple(lv[i] for i in positions) if lv is not None else None
+        rk = tuple(rv[i] for i in positions) if rv is not None else None
+        if rk is None or (lk is not None and lk < rk):
+            extra.append(list(lk or ()))
+            lv = take("live")
+        elif lk is None or rk < lk:
+            missing.append(list(rk))
+            rv = take("rebuilt")
+        else:
+            if lv != rv:
+                assert lv is not None and rv is not None
+                columns = {c: [a, b] for c, a, b in zip(table.columns, lv, rv, strict=True)
+                           if a != b}  # fmt: skip
+                changed.append({"key": list(lk), "columns": columns})
+            lv, rv = take("live"), take("rebuilt")
+    return TableDiff(
+        table.name, counts["live"], counts["rebuilt"], hashes["live"].hexdigest(),
+        hashes["rebuilt"].hexdigest(), table.key, missing, extra, changed,
+    )  # fmt: skip
+
+
+def compare_databases(live: Path, rebuilt: Path, tables: list[Table]) -> list[TableDiff]:
+    """Every table of two read-model databases, compared."""
+    a, b = _open_read_only(live), _open_read_only(rebuilt)
+    try:
+        return [compare_table(t, _rows(a, t), _rows(b, t)) for t in tables]
+    finally:
+        a.close()
+        b.close()
 
 
 async def check_log(
@@ -239,34 +292,30 @@ async def verify(
     """
     started = time.perf_counter()
     tables = [t for m in default_models() for t in m.tables]
-    checkpoint, live = read_tables(db_path, tables)
-    head = await head_seq(store)
-    if checkpoint > head:
-        raise ConflictError(
-            f"{db_path} stands at sequence {checkpoint}, past the log's end {head}: "
-            "is it another deployment's database (--namespace, --nats-url)?"
-        )
     checker = InvariantChecker()
-
-    def whole_log(position: int, _target: int) -> None:
-        if progress is not None:
-            progress(position, head)
-
     with tempfile.TemporaryDirectory(prefix="pantheon-verify-") as tmp:
-        rebuilt_path = Path(tmp) / "rebuilt.db"
+        live = Path(tmp) / "live.db"
+        checkpoint = await asyncio.to_thread(snapshot, db_path, live, tables)
+        head = await head_seq(store)
+        if checkpoint > head:
+            raise ConflictError(
+                f"{db_path} stands at sequence {checkpoint}, past the log's end {head}: "
+                "is it another deployment's database (--namespace, --nats-url)?"
+            )
+
+        def whole_log(position: int, _target: int) -> None:
+            if progress is not None:
+                progress(position, head)
+
+        rebuilt = Path(tmp) / "rebuilt.db"
         await build_read_models(
-            store,
-            rebuilt_path,
-            checkpoint,
-            skip_unknown=skip_unknown,
-            progress=whole_log,
+            store, rebuilt, checkpoint, skip_unknown=skip_unknown, progress=whole_log,
             sinks=[checker.feed],
-        )
-        _, rebuilt = read_tables(rebuilt_path, tables)
+        )  # fmt: skip
+        diffs = await asyncio.to_thread(compare_databases, live, rebuilt, tables)
     await check_log(
         store, checker, checkpoint + 1, head, skip_unknown=skip_unknown, progress=whole_log
     )
-    diffs = [compare_table(t, live[t.name], rebuilt[t.name]) for t in tables]
     return VerifyReport(
         db=str(db_path),
         checkpoint=checkpoint,
