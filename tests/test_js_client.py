@@ -37,17 +37,17 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def js_dir(request: pytest.FixtureRequest) -> Path:
     """examples/js with its node_modules installed by ``npm ci``, cached by lockfile hash."""
-    lock = (EXAMPLE / "package-lock.json").read_bytes()
-    digest = hashlib.sha256(lock + (EXAMPLE / "package.json").read_bytes()).hexdigest()[:16]
+    manifests = b"".join((EXAMPLE / n).read_bytes() for n in ("package.json", "package-lock.json"))
+    digest = hashlib.sha256(manifests).hexdigest()[:16]
     cache = getattr(request.config, "cache", None)
     base = cache.mkdir("js-example") if cache is not None else Path(tempfile.gettempdir())
     target = Path(base) / f"pantheon-js-{digest}"
     if not (target / "node_modules" / ".package-lock.json").exists():
         staging = Path(tempfile.mkdtemp(prefix="pantheon-js-", dir=base))
-        for name in ("package.json", "package-lock.json"):
+        for name in ("package.json", "package-lock.json", ".npmrc"):
             shutil.copy2(EXAMPLE / name, staging / name)
         done = subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=staging,
             capture_output=True,
             text=True,
@@ -141,6 +141,7 @@ async def test_js_example_submits_watches_state_and_follows_events(
     assert [e["type"] for e in seen] == [e.type for e in logged]
     assert [e["msg_id"] for e in seen] == [e.event_id for e in logged]
     assert seen[0]["type"] == "TaskSubmitted" and seen[-1]["type"] == "TaskCompleted"
+    assert seen[0]["actor"] == "js:pantheon-example"
     assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
 
     final = next(v for w, v in out if w == "final")

@@ -53,6 +53,7 @@ async function submit(nc) {
     name: opt.name,
     executor: { kind: "shell", argv: opt.argv.split(" ").filter(Boolean) },
     labels: { client: "js" },
+    actor: "js:pantheon-example", // recorded on the events; optional
   };
   const msg = await nc.request(`${root}.cmd.${tenant}.task.submit`, JSON.stringify(body), {
     timeout: 10_000,
