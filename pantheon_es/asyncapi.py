@@ -22,13 +22,14 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 import pantheon_es
 from pantheon_es import aggregates
 from pantheon_es.errors import ErrorCode
-from pantheon_es.schema import ErrorReply, OkReply, WorkOffer, WorkStop
+from pantheon_es.schema import ErrorReply, OkReply, WhyTask, WorkOffer, WorkStop
 from pantheon_es.subjects import Subjects, check_token
 
 ASYNCAPI_VERSION = "3.0.0"
 NATS_BINDING_VERSION = "0.1.0"
 COMMAND_QUEUE = "pantheon-cmd"  # pantheon_es.service.QUEUE_GROUP (kept import-light)
 QUERY_QUEUE = "pantheon-query"  # projections.query.QUEUE_GROUP
+SCHEDULER_QUEUE = "pantheon-scheduler"  # pantheon_es.node
 
 _SCHEMAS = "#/components/schemas/"
 _MESSAGES = "#/components/messages/"
@@ -229,6 +230,7 @@ def export_asyncapi(
         *((cls, "validation") for _, cls in commands),
         *((body, "validation") for _, (body, _fn) in queries),
         *((env, "serialization") for env in envelopes),
+        (WhyTask, "validation"),
         *((cls, "serialization") for cls in (OkReply, ErrorReply, WorkOffer, WorkStop)),
     ]
     names, schemas = _model_schemas(models)
@@ -286,6 +288,15 @@ def export_asyncapi(
             "until the read models have applied the stream's last sequence (or min_seq).",
             QUERY_QUEUE,
         )
+    request_reply(
+        "sched-why",
+        f"{root}.sched.{{tenant}}.why",
+        WhyTask,
+        "The scheduler's live view of one task: state ready/parked/placed, reason, "
+        "effective_priority, ahead_in_group, reserved_worker, not_before. Answered by the "
+        "active scheduler from memory, not by the read models.",
+        SCHEDULER_QUEUE,
+    )
 
     # -- events ----------------------------------------------------------------------------------
     event_headers = {

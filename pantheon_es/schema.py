@@ -14,6 +14,7 @@ from pantheon_es import aggregates
 from pantheon_es.errors import ErrorCode
 from pantheon_es.specs import ExecutorSpec
 from pantheon_es.subjects import Subjects
+from pantheon_es.tasks import TaskId
 
 
 class ErrorBody(BaseModel):
@@ -71,6 +72,13 @@ class WorkStop(BaseModel):
     task_id: str
     lease_id: str
     reason: str
+
+
+class WhyTask(BaseModel):
+    """Ask the scheduler's live view of one task (placement state, reason, timers)."""
+
+    model_config = ConfigDict(extra="forbid")
+    task_id: TaskId
 
 
 def export(subjects: Subjects | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from pantheon_es import aggregates
@@ -19,6 +20,7 @@ from pantheon_es.errors import ErrorCode
 from pantheon_es.subjects import Subjects
 from projections.query import QUERIES
 from projections.tasks import TASKS
+from tests.conftest import Cluster, python
 from tests.test_cli import run
 
 
@@ -167,10 +169,12 @@ def test_asyncapi_follows_namespace_tenant_and_server() -> None:
 
 def test_cli_schema_asyncapi_writes_the_document(tmp_path: Path) -> None:
     out = tmp_path / "asyncapi.json"
-    run("schema", "--asyncapi", "--out", str(out), "--tenant", "acme", data_dir=tmp_path)
+    # --data-dir: no `pantheon up` there, so no server is discovered into the document
+    options = ("--data-dir", str(tmp_path))
+    run("schema", "--asyncapi", "--out", str(out), "--tenant", "acme", *options, data_dir=tmp_path)
     written = json.loads(out.read_text())
     assert written == export_asyncapi(tenant="acme")
-    printed = json.loads(run("schema", "--asyncapi", data_dir=tmp_path).stdout)
+    printed = json.loads(run("schema", "--asyncapi", *options, data_dir=tmp_path).stdout)
     assert printed["asyncapi"] == "3.0.0" and "cmd-task-submit" in printed["channels"]
 
 
@@ -179,3 +183,23 @@ def test_cli_schema_asyncapi_with_bad_tenant_is_bad_usage(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "not subject-safe" in result.stderr
     assert result.stdout == ""
+
+
+def test_asyncapi_has_the_scheduler_question(doc: dict[str, Any]) -> None:
+    channel = doc["channels"]["sched-why"]
+    assert channel["address"] == "pantheon.sched.{tenant}.why"
+    assert payload_schema(doc, channel["messages"]["WhyTask"]) == "WhyTask"
+    assert doc["operations"]["sched-why"]["bindings"]["nats"]["queue"] == "pantheon-scheduler"
+
+
+async def test_scheduler_question_is_validated_by_its_contract_model(cluster: Cluster) -> None:
+    assert cluster.node.nc is not None
+    subject = cluster.node.subjects.scheduler("default", "why")
+    reply = orjson.loads((await cluster.node.nc.request(subject, b'{"task_id": "x"}', 5)).data)
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid"
+    assert reply["error"]["message"].startswith("WhyTask is not valid: task_id")
+    task_id = (await cluster.client.submit_task("n", python("noop")))["task_id"]
+    reply = orjson.loads(
+        (await cluster.node.nc.request(subject, orjson.dumps({"task_id": task_id}), 5)).data
+    )
+    assert reply["ok"] is True and "state" in reply["result"]
