@@ -14,7 +14,7 @@ client does the opposite of each operation (docs/other-languages.md).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
@@ -24,6 +24,9 @@ from pantheon_es import aggregates
 from pantheon_es.errors import ErrorCode
 from pantheon_es.schema import ErrorReply, OkReply, WhyTask, WorkOffer, WorkStop
 from pantheon_es.subjects import Subjects, check_token
+
+if TYPE_CHECKING:
+    from projections.base import Table
 
 ASYNCAPI_VERSION = "3.0.0"
 NATS_BINDING_VERSION = "0.1.0"
@@ -91,7 +94,7 @@ def _model_schemas(
     return names, _to_asyncapi_schema(top.get("$defs", {}))
 
 
-def _row_schema(table: Any, model: str) -> dict[str, Any]:
+def _row_schema(table: Table, model: str) -> dict[str, Any]:
     """The JSON Schema of one read-model row (a KV value), from its table declaration."""
     declared = {m.group(1): (m.group(2).upper(), m.group(3)) for m in _COLUMN.finditer(table.ddl)}
     properties: dict[str, Any] = {}
