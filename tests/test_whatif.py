@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from pantheon_es.client import PantheonClient
+from pantheon_es.placement import Policy
 from tests.conftest import Cluster, python
 from tests.test_cli import ROOT, pantheon_argv
+from tools.whatif import read_workload, recorded, simulate
 
 LOW, URGENT = 10, 3
 
@@ -58,17 +60,23 @@ async def record_mixed_workload(cluster: Cluster) -> list[str]:
     return [task_id for _c, task_id in ids]
 
 
+async def quiet_log(cluster: Cluster) -> int:
+    """Stop the workers (their renewals move the log on); the log's last sequence then."""
+    for worker in cluster.workers:
+        worker.request_stop()
+        await asyncio.wait_for(worker._runner, 15)
+    cluster.workers.clear()
+    assert cluster.node.store is not None
+    return int(await cluster.node.store.last_seq())
+
+
 async def test_whatif_fifo_versus_priority_aging_shows_urgent_waits_and_appends_nothing(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     await record_mixed_workload(cluster)
     store = cluster.node.store
     assert store is not None
-    for worker in cluster.workers:  # its renewals would move the log on: stop it
-        worker.request_stop()
-        await asyncio.wait_for(worker._runner, 15)
-    cluster.workers.clear()
-    before = await store.last_seq()
+    before = await quiet_log(cluster)
 
     fifo_file = tmp_path / "fifo.yaml"
     fifo_file.write_text("mode: fifo\n")
@@ -134,4 +142,49 @@ async def test_whatif_with_a_bad_policy_file_exits_2_naming_the_field(
         whatif, cluster, "--policy", str(tmp_path / "missing.yaml"), "--json"
     )
     assert result.returncode == 2 and "missing.yaml" in result.stderr
+    assert await store.last_seq() == before
+
+
+async def test_recorded_dependencies_and_retries_come_back_from_the_log_and_shape_the_simulation(
+    cluster: Cluster,
+) -> None:
+    await cluster.add_worker(worker_id="w1", slots=4)
+    created = await cluster.client.create_workflow(
+        "pair",
+        [
+            {"name": "first", "executor": python("sleep", seconds=0.3)},
+            {"name": "second", "executor": python("noop"), "depends_on": ["first"]},
+        ],
+    )
+    flaky = await cluster.client.submit_task(
+        "flaky",
+        python("fail"),
+        options={"retry": {"max_attempts": 2, "initial_interval": 0.5, "jitter": 0}},
+    )
+    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=30)
+    assert done["status"] == "completed"
+    failed = await cluster.client.wait_for_task(flaky["task_id"], timeout=30)
+    assert failed["status"] == "failed"
+    store = cluster.node.store
+    assert store is not None
+    before = await quiet_log(cluster)
+
+    workload = await read_workload(store, until_seq=before)
+    first, second = (("default", created["tasks"][n]) for n in ("first", "second"))
+    retried = workload.tasks[("default", flaky["task_id"])]
+    assert workload.tasks[second].depends_on == (first[1],)
+    assert len(retried.attempts) == 2 and retried.outcome == "failed"
+    assert 0.45 <= retried.attempts[0].gap <= 0.6  # RetryScheduled's not_before, as recorded
+    assert workload.tasks[first].attempts[0].duration >= 0.3
+    # what happened: the dependent was ready when its dependency ended, not at its submit
+    real = recorded(workload)
+    assert real.ready[second] == workload.tasks[first].ended
+    assert real.ready[second] > workload.tasks[second].submitted
+
+    sim = simulate(workload, Policy(fifo=True))
+    first_run = next(r for r in sim.runs if r.key == first)
+    assert sim.ready[second] == first_run.end and sim.first_start[second] >= first_run.end
+    tries = sorted((r for r in sim.runs if r.key == retried.key), key=lambda r: r.start)
+    assert [r.attempt for r in tries] == [0, 1]
+    assert tries[1].start >= tries[0].end + retried.attempts[0].gap - 1e-9
     assert await store.last_seq() == before
