@@ -1427,7 +1427,7 @@ def whatif(
     from rich.progress import Progress
 
     from pantheon_es.store import EventStore
-    from tools.whatif import PolicyFileError, load_policy, run_whatif, tables
+    from tools.whatif import PolicyFileError, compare, load_policy, read_workload, tables
 
     if until is not None and until_seq is not None:
         raise typer.BadParameter("give --until or --until-seq, not both")
@@ -1450,13 +1450,14 @@ def whatif(
         store = EventStore(client.nc, client.subjects)
         with Progress(console=err, transient=True, disable=json_out) as bar:
             task = bar.add_task("reading the log", total=None)
-            return await run_whatif(
+            workload = await read_workload(
                 store,
-                policy_file,
                 until_seq=until_seq,
                 until=cutoff,
                 progress=lambda seq, last: bar.update(task, completed=seq, total=last),
             )
+            bar.update(task, description=f"simulating {len(workload.tasks)} tasks")
+            return compare(workload, policy_file)
 
     report = _run(_with_client(nats_url, data_dir, tenant, root, main))
     if json_out:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pantheon_es.client import PantheonClient
 from pantheon_es.placement import Policy
-from tests.conftest import Cluster, python
+from tests.conftest import Cluster, history, python
 from tests.test_cli import ROOT, pantheon_argv
 from tools.whatif import read_workload, recorded, simulate
 
@@ -156,13 +157,13 @@ async def test_recorded_dependencies_and_retries_come_back_from_the_log_and_shap
             {"name": "second", "executor": python("noop"), "depends_on": ["first"]},
         ],
     )
+    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=30)
+    assert done["status"] == "completed"
     flaky = await cluster.client.submit_task(
         "flaky",
         python("fail"),
         options={"retry": {"max_attempts": 2, "initial_interval": 0.5, "jitter": 0}},
     )
-    done = await cluster.client.wait_for_workflow(created["workflow_id"], timeout=30)
-    assert done["status"] == "completed"
     failed = await cluster.client.wait_for_task(flaky["task_id"], timeout=30)
     assert failed["status"] == "failed"
     store = cluster.node.store
@@ -170,6 +171,10 @@ async def test_recorded_dependencies_and_retries_come_back_from_the_log_and_shap
     before = await quiet_log(cluster)
 
     workload = await read_workload(store, until_seq=before)
+    flaky_submit = (await history(cluster, flaky["task_id"]))[0].occurred_at
+    earlier = await read_workload(store, until=flaky_submit - timedelta(microseconds=1))
+    assert set(earlier.tasks) == set(workload.tasks) - {("default", flaky["task_id"])}
+    assert earlier.last_seq < workload.last_seq
     first, second = (("default", created["tasks"][n]) for n in ("first", "second"))
     retried = workload.tasks[("default", flaky["task_id"])]
     assert workload.tasks[second].depends_on == (first[1],)

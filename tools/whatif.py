@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pantheon_es.errors import InvalidError
+from pantheon_es.errors import InternalError, InvalidError, UnavailableError
 from pantheon_es.events import EventRecord, decode_record
 from pantheon_es.placement import Amount, Job, Key, Placement, Policy, Quota
 from pantheon_es.specs import PRIORITY_LEVELS
@@ -354,12 +354,15 @@ async def read_workload(
         while not done:
             batch = await feed.next_batch(2000, timeout=30.0)
             if not batch:
-                raise TimeoutError(f"the log stopped delivering before sequence {target}")
+                raise UnavailableError(f"the log stopped delivering before sequence {target}")
             for raw in batch:
                 if raw.seq > target:
                     done = True
                     break
-                record = decode_record(raw.data, raw.seq)
+                try:
+                    record = decode_record(raw.data, raw.seq)
+                except ValueError as exc:  # not JSON, or no envelope: name the sequence
+                    raise InternalError(str(exc), details={"seq": raw.seq}) from None
                 if limit is not None and _ts(record.occurred_at) > limit:
                     done = True
                     break
@@ -723,18 +726,6 @@ def compare(workload: Workload, policy_file: PolicyFile) -> dict[str, Any]:
         "recorded": measure(workload, recorded(workload)),
         "simulated": measure(workload, simulated),
     }
-
-
-async def run_whatif(
-    store: EventStore,
-    policy_file: PolicyFile,
-    *,
-    until_seq: int | None = None,
-    until: datetime | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    workload = await read_workload(store, until_seq=until_seq, until=until, progress=progress)
-    return compare(workload, policy_file)
 
 
 # -- the report as tables ------------------------------------------------------------------------
