@@ -1421,6 +1421,10 @@ def whatif(
     happened, wait-time percentiles per priority band and per tenant, utilisation per resource
     and makespan. Covers every tenant of the deployment (workers and limits are shared);
     --tenant only names who connects.
+
+    Example: `pantheon whatif --policy examples/whatif-fifo.yaml`. Policy fields: mode
+    (priority|fifo), aging_per_s, band, tenant_weights, fairness_weights, max_running_agents,
+    concurrency_limits, max_running_per_tenant, tenant_max_running (docs/whatif.md).
     """
     from datetime import datetime
 
