@@ -1392,6 +1392,86 @@ def demo(
 
 
 @app.command()
+def whatif(
+    policy: Annotated[
+        Path,
+        typer.Option(
+            "--policy",
+            help="Policy to simulate: a YAML or JSON file (see docs/whatif.md).",
+        ),
+    ],
+    until: Annotated[
+        str | None,
+        typer.Option(help="Use the log up to this time (ISO 8601, e.g. 2026-11-24T09:00:00Z)."),
+    ] = None,
+    until_seq: Annotated[
+        int | None, typer.Option(min=1, help="Use the log up to this stream sequence.")
+    ] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Replay the recorded workload under another scheduling policy, in simulated time.
+
+    Reads the log (read-only: nothing is appended): task arrivals, worker capacity over time
+    and observed run durations. Runs them through the scheduler's placement policy as set by
+    --policy (weights, aging, limits, or plain FIFO) and prints, side by side with what really
+    happened, wait-time percentiles per priority band and per tenant, utilisation per resource
+    and makespan. Covers every tenant of the deployment (workers and limits are shared);
+    --tenant only names who connects.
+
+    Example: `pantheon whatif --policy examples/whatif-fifo.yaml`. Policy fields: mode
+    (priority|fifo), aging_per_s, band, tenant_weights, fairness_weights, max_running_agents,
+    concurrency_limits, max_running_per_tenant, tenant_max_running (docs/whatif.md).
+    """
+    from datetime import datetime
+
+    from rich.progress import Progress
+
+    from pantheon_es.store import EventStore
+    from tools.whatif import PolicyFileError, compare, load_policy, read_workload, tables
+
+    if until is not None and until_seq is not None:
+        raise typer.BadParameter("give --until or --until-seq, not both")
+    try:
+        policy_file = load_policy(policy)
+    except PolicyFileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from None
+    cutoff = None
+    if until is not None:
+        try:
+            cutoff = datetime.fromisoformat(until)
+        except ValueError:
+            raise typer.BadParameter(
+                f"not an ISO 8601 time: {until!r}", param_hint="--until"
+            ) from None
+        if cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=UTC)
+
+    async def main(client: PantheonClient) -> dict[str, Any]:
+        store = EventStore(client.nc, client.subjects)
+        with Progress(console=err, transient=True, disable=json_out) as bar:
+            task = bar.add_task("reading the log", total=None)
+            workload = await read_workload(
+                store,
+                until_seq=until_seq,
+                until=cutoff,
+                progress=lambda seq, last: bar.update(task, completed=seq, total=last),
+            )
+            bar.update(task, description=f"simulating {len(workload.tasks)} tasks")
+            return compare(workload, policy_file)
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if json_out:
+        _print_json(report)
+        return
+    for table in tables(report):
+        out.print(table)
+
+
+@app.command()
 def schema(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write to this file instead of stdout.")
