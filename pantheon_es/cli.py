@@ -1391,6 +1391,52 @@ def demo(
 # -- schema ----------------------------------------------------------------------------------------
 
 
+# -- audit ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def audit(
+    entity_id: Annotated[
+        str, typer.Argument(metavar="ID", help="A task, agent, workflow or worker id.")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="table (default), json, jsonl or csv."),
+    ] = "table",
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Everything the log says about one task, agent, workflow or worker.
+
+    A timeline of every event concerning it (stream sequence, time, type, actor,
+    causation and correlation), each task's attempts (lease, worker, time pending,
+    leased and running, outcome, result or error), the time spent in each state and
+    the messages sent and received. A workflow's audit covers all of its tasks; a
+    worker's, the leases it held. Read-only. `--json` is `--format json`.
+    """
+    from tools.audit import FORMATS, Auditor, render, tables
+
+    if json_out:
+        fmt = "json"
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+
+    async def main(client: PantheonClient) -> Any:
+        with err.status(f"reading the log for {entity_id}") as status:
+            auditor = Auditor(client, progress=lambda msg: status.update(msg))
+            return await auditor.audit(entity_id)
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if fmt == "table":
+        for table in tables(report):
+            out.print(table)
+    else:
+        sys.stdout.write(render(report, fmt))
+
+
 @app.command()
 def schema(
     out_file: Annotated[
