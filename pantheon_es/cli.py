@@ -1391,6 +1391,56 @@ def demo(
 # -- schema ----------------------------------------------------------------------------------------
 
 
+# -- watch ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def watch(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="task, agent, workflow, worker or mailbox (default: all of them)."),
+    ] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter", help="FIELD=VALUE[,VALUE...]: only entities whose field is one of these."
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the current values and exit.")
+    ] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON object per line per change: {key, model, id, op, revision, value}.",
+        ),
+    ] = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Show the current state of the tenant's entities live, from the KV bucket pantheon-state.
+
+    First the current values, then every change, in order per entity (Ctrl-C stops).
+    With a filter, an entity that stops matching is reported once with op `leave`;
+    an archived entity with op `delete`. Example: `pantheon watch task --filter status=running`.
+    """
+    from pantheon_es.watch import MODELS
+    from tools.watch import follow
+
+    if model is not None and model not in MODELS:
+        raise typer.BadParameter(f"MODEL must be one of {', '.join(MODELS)}")
+    pairs = _pairs(filters, "--filter")
+
+    async def main(client: PantheonClient) -> int:
+        return await follow(client, model, pairs, once=once, json_lines=json_out, console=out)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it
+        _run(_with_client(nats_url, data_dir, tenant, root, main))
+
+
 # -- audit ----------------------------------------------------------------------------------------
 
 
