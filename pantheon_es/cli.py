@@ -1095,6 +1095,23 @@ def projector(
 @app.command()
 def events(
     from_seq: Annotated[int, typer.Option(min=1, help="First stream sequence to show.")] = 1,
+    aggregate: Annotated[
+        str | None,
+        typer.Option(help="Only this aggregate: task, workflow, worker, mailbox or tenant."),
+    ] = None,
+    entity_id: Annotated[
+        str | None, typer.Option("--id", help="Only the aggregate instance with this id.")
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Only this event type, e.g. LeaseGranted (repeatable)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Start at this time: ISO 8601 (2026-11-24T08:00:00Z) or 15m, 2h, 1d ago."
+        ),
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new events.")
     ] = False,
@@ -1107,14 +1124,35 @@ def events(
     tenant: Tenant = "default",
     root: Root = "pantheon",
 ) -> None:
-    """Print the tenant's events from the log, oldest first."""
+    """Print the tenant's events from the log, oldest first.
+
+    --aggregate and --id are filtered by the server (the consumer's filter subject);
+    --type by this client (appends carry no type header); --since starts at the first
+    event stored at or after the time. See docs/subscribing.md.
+    """
     from pantheon_es.events import decode
     from pantheon_es.store import EventStore
+    from tools.events import EventFilter, parse_time, seq_at
 
+    try:
+        wanted = EventFilter(
+            tenant,
+            aggregate,
+            entity_id,
+            frozenset(types or ()),
+            parse_time(since) if since is not None else None,
+        )
+    except PantheonError as exc:
+        raise typer.BadParameter(exc.message) from None
+    needles = wanted.needles()
     collected: list[dict[str, Any]] = []
 
     def show(seq: int, payload: bytes) -> None:
+        if not wanted.keep(payload, needles):
+            return
         ev = decode(payload, seq)
+        if wanted.types and ev.type not in wanted.types:
+            return
         doc = {"seq": seq, **ev.model_dump(mode="json")}
         if json_out and not follow:
             collected.append(doc)
@@ -1132,11 +1170,15 @@ def events(
 
     async def main(client: PantheonClient) -> None:
         store = EventStore(client.nc, client.subjects)
-        subject = client.subjects.events(client.tenant)
+        subject = wanted.subject(client.subjects)
         last = await store.subject_last_seq(subject)
-        if not follow and last < from_seq:
+        start = from_seq
+        if wanted.since is not None:
+            at = await seq_at(store, subject, wanted.since)
+            start = max(start, at if at is not None else last + 1)
+        if not follow and last < start:
             return
-        async with store.feed(from_seq=from_seq, subject=subject) as feed:
+        async with store.feed(from_seq=start, subject=subject) as feed:
             while True:
                 batch = await feed.next_batch(1000)
                 for raw in batch:
