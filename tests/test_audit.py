@@ -15,6 +15,7 @@ import pytest
 from pantheon_es import workflow_file
 from pantheon_es.errors import NotFoundError
 from pantheon_es.events import REGISTRY, Event, make_event
+from pantheon_es.store import StoredEvent
 from tests.conftest import Cluster, eventually, python
 from tests.test_cli import run
 from tools.audit import Auditor, AuditReport, fold_task, render, tables
@@ -24,7 +25,7 @@ T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 TID = "01J00000000000000000000000"
 
 
-def ev(type_name: str, at: float, **data: Any) -> Event[Any]:
+def ev(type_name: str, at: float, cause: str | None = None, **data: Any) -> Event[Any]:
     cls = REGISTRY.data_class(type_name)
     return make_event(
         cls.model_validate(data),
@@ -34,7 +35,7 @@ def ev(type_name: str, at: float, **data: Any) -> Event[Any]:
         occurred_at=T0 + timedelta(seconds=at),
         actor="test",
         correlation_id="C",
-        causation_id=None,
+        causation_id=cause,
     )
 
 
@@ -74,6 +75,23 @@ def test_fold_gives_each_attempt_and_the_time_in_each_state() -> None:
         "w1", "expired", 2.0, 7.0)  # fmt: skip
     assert (second["worker_id"], second["outcome"], second["pending_s"]) == ("w2", "completed", 1.0)
     assert (second["leased_s"], second["running_s"], second["result"]) == (1.0, 8.0, {"ok": 1})
+
+
+def test_causation_ids_resolve_to_events_or_group_one_commands_events() -> None:
+    submitted = ev("TaskSubmitted", 0, "K1", name="a", executor={"kind": "shell", "argv": ["x"]},
+                   priority=0, resources={}, labels={})  # fmt: skip
+    events = [
+        submitted,
+        lease(1, 1, "L1", "w1"),  # no causation
+        ev("TaskStarted", 2, "K2", lease_id="L1", started_at=T0),
+        ev("TaskProgressed", 3, "K2", lease_id="L1"),
+        ev("TaskProgressed", 4, submitted.event_id, lease_id="L1"),
+    ]
+    stored = [StoredEvent(10 + i, "s", e) for i, e in enumerate(events)]
+    report = AuditReport("default", "task", TID, stored, {TID: fold_task(TID, events)}, [])
+    rows = report.event_rows()
+    assert [r["caused_by"] for r in rows] == ["", "", "with 13", "with 12", "TaskSubmitted@10"]
+    assert [r["task"] for r in rows] == ["a"] * 5
 
 
 # -- against a real run ---------------------------------------------------------------------------
@@ -208,8 +226,10 @@ async def test_audit_shows_messages_sent_and_received_and_unknown_ids_are_not_fo
                         ("received", "again", "medium", "pending")]  # fmt: skip
     types = [r["type"] for r in recipient.event_rows()]
     assert types == ["TaskSubmitted", "MessageSent", "MessageSent", "MessagesDelivered"]
-    # The two MessageSent of one sender's commands are told apart; one command, one group.
-    assert all(r["caused_by"] == "command" for r in recipient.event_rows())
+    # Each of these came from a command of its own: nothing else shares its causation id.
+    rows = recipient.event_rows()
+    assert all(r["causation_id"] and r["caused_by"] == "" for r in rows)
+    assert len({r["causation_id"] for r in rows}) == len(rows)
     assert any(t.title and "messages" in str(t.title) for t in tables(recipient))
 
     with pytest.raises(NotFoundError):

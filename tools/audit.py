@@ -22,7 +22,8 @@ lease, worker, time pending, leased and running, outcome, result or error),
 ``state`` (every state a task was in and for how long) and ``message`` (sent
 and received). Causation ids are the ids of the commands that produced the
 events (service.py); an event that names another event of the timeline is
-shown as ``Type@seq``, otherwise the events one command produced are grouped.
+shown as ``Type@seq``; otherwise ``caused_by`` names the other events the same
+command produced (``with 12, 13``), and is empty for a command's only event.
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ class AuditReport:
                 caused_by = f"{by_id[cause].event.type}@{by_id[cause].seq}"
             else:
                 others = [q for q in by_command.get(cause, []) if q != s.seq]
-                caused_by = "command" + (f" (with {', '.join(map(str, others))})" if others else "")
+                caused_by = f"with {', '.join(map(str, others))}" if others else ""
             data = ev.data.model_dump(mode="json")
             rows.append(
                 {
