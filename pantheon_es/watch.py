@@ -140,6 +140,11 @@ class StateWatch:
                 await self._watcher.stop()
             self._watcher = None
 
+    @property
+    def closed(self) -> bool:
+        """True once stopped (or before start)."""
+        return self._watcher is None
+
     async def initial(self) -> list[StateChange]:
         """The current values (deleted keys are left out); call before iterating."""
         out = []

@@ -7,6 +7,7 @@ Python); this module only prints it.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,9 @@ from rich.table import Table
 
 from pantheon_es.client import PantheonClient
 from pantheon_es.watch import StateChange, StateWatch
+
+#: seconds between redraws of the live table
+REDRAW = 0.25
 
 
 def _status(value: Mapping[str, Any]) -> str:
@@ -85,11 +89,18 @@ async def follow(
         if once:
             console.print(table(watch, revisions, title, rows))
             return len(initial)
+        # Redrawn at most every REDRAW seconds, and once things go quiet.
         with Live(
             table(watch, revisions, title, rows), console=console, auto_refresh=False
         ) as live:
-            async for change in watch:
-                revisions[change.key] = change.revision
-                count += 1
-                live.update(table(watch, revisions, title, rows), refresh=True)
+            drawn, dirty = time.monotonic(), False
+            while not watch.closed:
+                update = await watch.next(timeout=REDRAW)
+                if update is not None:
+                    revisions[update.key] = update.revision
+                    count += 1
+                    dirty = True
+                if dirty and (update is None or time.monotonic() - drawn >= REDRAW):
+                    live.update(table(watch, revisions, title, rows), refresh=True)
+                    drawn, dirty = time.monotonic(), False
     return count
