@@ -250,3 +250,39 @@ def test_report_without_tasks_renders_in_every_format() -> None:
     assert json.loads(render(report, "json"))["events"] == []
     assert render(report, "jsonl") == ""
     assert render(report, "csv").startswith("section,seq,time,type")
+
+
+async def test_audit_of_a_retried_task_has_one_row_per_attempt_with_its_outcome(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    await cluster.add_worker(worker_id="w1")
+    retry = {"max_attempts": 5, "initial_interval": 0.3, "backoff_coefficient": 1.0, "jitter": 0}
+    task_id = (
+        await cluster.client.submit_task(
+            "flaky",
+            python("flaky", path=str(tmp_path / "calls"), failures=2),
+            options={"retry": retry},
+        )
+    )["task_id"]
+    await cluster.client.wait_for_task(task_id, timeout=30)
+    report = await Auditor(cluster.client).audit(task_id)
+    assert report.kind == "task"
+    attempts = [a.row() for a in report.tasks[task_id].attempts]
+    assert [(a["attempt"], a["outcome"]) for a in attempts] == [
+        (1, "failed, retry scheduled"), (2, "failed, retry scheduled"), (3, "completed"),
+    ]  # fmt: skip
+    assert [a["error"]["type"] for a in attempts[:2]] == ["RuntimeError", "RuntimeError"]
+    assert attempts[2]["result"] == 3 and len({a["lease_id"] for a in attempts}) == 3
+    # The wait between attempts is the retry interval: time pending before attempts 2 and 3.
+    assert all(a["pending_s"] >= 0.29 for a in attempts[1:])
+    states = [(s.state, s.attempt) for s in report.tasks[task_id].states]
+    assert states[0] == ("pending", 0) and states[-1] == ("completed", 3)
+    assert states.count(("pending", 1)) == 1 and states.count(("pending", 2)) == 1
+
+
+async def test_an_agent_is_audited_as_an_agent(cluster: Cluster) -> None:
+    spec = {"kind": "agent", "prompt": "review the code"}
+    agent = (await cluster.client.submit_task("reviewer", spec))["task_id"]
+    report = await Auditor(cluster.client).audit(agent)
+    assert report.kind == "agent" and report.tasks[agent].status == "pending"
+    assert [r["type"] for r in report.event_rows()] == ["TaskSubmitted"]
