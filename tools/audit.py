@@ -28,6 +28,7 @@ command produced (``with 12, 13``), and is empty for a command's only event.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +45,8 @@ from pantheon_es.store import EventStore, StoredEvent
 from pantheon_es.subjects import check_token
 
 FORMATS = ("table", "json", "jsonl", "csv")
+#: Tasks read at once (each is a few direct gets and one query).
+READERS = 16
 TERMINAL = {
     "TaskCompleted": "completed",
     "TaskFailed": "failed",
@@ -379,13 +382,38 @@ class Auditor:
             own = await self.store.read_aggregate(self.tenant, "workflow", entity_id)
             report.events += own
             nodes = own[0].event.data.nodes if own else []
-            for i, node in enumerate(nodes, 1):
-                self.progress(f"task {i}/{len(nodes)}: {node.name}")
-                await self._task(report, node.task_id)
+            await self._tasks(report, [(self.tenant, n.task_id, None) for n in nodes])
         else:
             await self._worker(report, entity_id)
         report.events.sort(key=lambda s: s.seq)
+        report.messages.sort(key=lambda m: int(m["seq"]))
         return report
+
+    async def _tasks(
+        self, report: AuditReport, tasks: list[tuple[str, str, set[str] | None]]
+    ) -> None:
+        """Read several tasks, READERS at a time; ``report.tasks`` keeps the given order."""
+        for _tenant, task_id, _leases in tasks:
+            report.tasks[task_id] = TaskFold(task_id)  # the slot, filled by _task
+        gate = asyncio.Semaphore(READERS)
+        done = 0
+
+        async def one(tenant: str, task_id: str, lease_ids: set[str] | None) -> None:
+            nonlocal done
+            auditor = self if tenant == self.tenant else self._for_tenant(tenant)
+            async with gate:
+                await auditor._task(report, task_id, lease_ids)
+            done += 1
+            self.progress(f"read {done}/{len(tasks)} tasks")
+
+        async with asyncio.TaskGroup() as group:
+            for task in tasks:
+                group.create_task(one(*task))
+
+    def _for_tenant(self, tenant: str) -> Auditor:
+        c = self.client
+        other = PantheonClient(c.nc, tenant=tenant, subjects=c.subjects, timeout=c.timeout)
+        return Auditor(other, self.progress)
 
     async def _task(
         self, report: AuditReport, task_id: str, lease_ids: set[str] | None = None
@@ -456,16 +484,7 @@ class Auditor:
                             leases.setdefault(key, set()).add(ev["data"]["lease_id"])
                     done = raw.seq >= last or raw.pending == 0
                 self.progress(f"scanned to seq {batch[-1].seq} of {last}")
-        for (tenant, task_id), lease_ids in sorted(leases.items()):
-            if tenant != self.tenant:
-                c = self.client
-                other_client = PantheonClient(
-                    c.nc, tenant=tenant, subjects=c.subjects, timeout=c.timeout
-                )
-                other = Auditor(other_client, self.progress)
-                await other._task(report, task_id, lease_ids)
-            else:
-                await self._task(report, task_id, lease_ids)
+        await self._tasks(report, [(t, task_id, ids) for (t, task_id), ids in leases.items()])
 
 
 def _message(
