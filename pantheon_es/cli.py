@@ -1534,11 +1534,42 @@ def schema(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write to this file instead of stdout.")
     ] = None,
+    asyncapi: Annotated[
+        bool,
+        typer.Option(
+            "--asyncapi",
+            help="Print an AsyncAPI 3.0 document instead: every command and query subject "
+            "with its request and reply, every event subject, the state bucket and the work "
+            "offers (docs/other-languages.md).",
+        ),
+    ] = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
 ) -> None:
-    """Print the JSON Schema of every command, query, event and reply."""
-    from pantheon_es.schema import export
+    """Print the JSON Schema of every command, query, event and reply.
 
-    doc = orjson.dumps(export(), option=orjson.OPT_INDENT_2).decode() + "\n"
+    Works offline. With --asyncapi, --nats-url (or the `pantheon up` on --data-dir, if one
+    runs) fills the document's servers and --tenant the default of its tenant parameter.
+    """
+    from pantheon_es.asyncapi import export_asyncapi
+    from pantheon_es.schema import export
+    from pantheon_es.subjects import Subjects
+
+    try:
+        subjects = Subjects(root)
+        if asyncapi:
+            if nats_url is None:
+                with contextlib.suppress(UnavailableError):  # offline is fine: a placeholder
+                    info = discover(data_dir)
+                    nats_url, subjects = info["nats_url"], Subjects(info.get("root", root))
+            body = export_asyncapi(subjects, nats_url=nats_url, tenant=tenant)
+        else:
+            body = export(subjects)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    doc = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n"
     if out_file:
         out_file.write_text(doc)
         err.print(f"wrote {out_file}", highlight=False)
