@@ -1095,6 +1095,23 @@ def projector(
 @app.command()
 def events(
     from_seq: Annotated[int, typer.Option(min=1, help="First stream sequence to show.")] = 1,
+    aggregate: Annotated[
+        str | None,
+        typer.Option(help="Only this aggregate: task, workflow, worker, mailbox or tenant."),
+    ] = None,
+    entity_id: Annotated[
+        str | None, typer.Option("--id", help="Only the aggregate instance with this id.")
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Only this event type, e.g. LeaseGranted (repeatable)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Start at this time: ISO 8601 (2026-11-24T08:00:00Z) or 15m, 2h, 1d ago."
+        ),
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new events.")
     ] = False,
@@ -1107,14 +1124,35 @@ def events(
     tenant: Tenant = "default",
     root: Root = "pantheon",
 ) -> None:
-    """Print the tenant's events from the log, oldest first."""
+    """Print the tenant's events from the log, oldest first.
+
+    --aggregate and --id are filtered by the server (the consumer's filter subject);
+    --type by this client (appends carry no type header); --since starts at the first
+    event stored at or after the time. See docs/subscribing.md.
+    """
     from pantheon_es.events import decode
     from pantheon_es.store import EventStore
+    from tools.events import EventFilter, parse_time, seq_at
 
+    try:
+        wanted = EventFilter(
+            tenant,
+            aggregate,
+            entity_id,
+            frozenset(types or ()),
+            parse_time(since) if since is not None else None,
+        )
+    except PantheonError as exc:
+        raise typer.BadParameter(exc.message) from None
+    needles = wanted.needles()
     collected: list[dict[str, Any]] = []
 
     def show(seq: int, payload: bytes) -> None:
+        if not wanted.keep(payload, needles):
+            return
         ev = decode(payload, seq)
+        if wanted.types and ev.type not in wanted.types:
+            return
         doc = {"seq": seq, **ev.model_dump(mode="json")}
         if json_out and not follow:
             collected.append(doc)
@@ -1132,11 +1170,15 @@ def events(
 
     async def main(client: PantheonClient) -> None:
         store = EventStore(client.nc, client.subjects)
-        subject = client.subjects.events(client.tenant)
+        subject = wanted.subject(client.subjects)
         last = await store.subject_last_seq(subject)
-        if not follow and last < from_seq:
+        start = from_seq
+        if wanted.since is not None:
+            at = await seq_at(store, subject, wanted.since)
+            start = max(start, at if at is not None else last + 1)
+        if not follow and last < start:
             return
-        async with store.feed(from_seq=from_seq, subject=subject) as feed:
+        async with store.feed(from_seq=start, subject=subject) as feed:
             while True:
                 batch = await feed.next_batch(1000)
                 for raw in batch:
@@ -1389,6 +1431,102 @@ def demo(
 
 
 # -- schema ----------------------------------------------------------------------------------------
+
+
+# -- watch ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def watch(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="task, agent, workflow, worker or mailbox (default: all of them)."),
+    ] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter", help="FIELD=VALUE[,VALUE...]: only entities whose field is one of these."
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the current values and exit.")
+    ] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON object per line per change: {key, model, id, op, revision, value}.",
+        ),
+    ] = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Show the current state of the tenant's entities live, from the KV bucket pantheon-state.
+
+    First the current values, then every change, in order per entity (Ctrl-C stops).
+    With a filter, an entity that stops matching is reported once with op `leave`;
+    an archived entity with op `delete`. Example: `pantheon watch task --filter status=running`.
+    """
+    from pantheon_es.watch import MODELS
+    from tools.watch import follow
+
+    if model is not None and model not in MODELS:
+        raise typer.BadParameter(f"MODEL must be one of {', '.join(MODELS)}")
+    pairs = _pairs(filters, "--filter")
+
+    async def main(client: PantheonClient) -> int:
+        return await follow(client, model, pairs, once=once, json_lines=json_out, console=out)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it
+        _run(_with_client(nats_url, data_dir, tenant, root, main))
+
+
+# -- audit ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def audit(
+    entity_id: Annotated[
+        str, typer.Argument(metavar="ID", help="A task, agent, workflow or worker id.")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="table (default), json, jsonl or csv."),
+    ] = "table",
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Everything the log says about one task, agent, workflow or worker.
+
+    A timeline of every event concerning it (stream sequence, time, type, actor,
+    causation and correlation), each task's attempts (lease, worker, time pending,
+    leased and running, outcome, result or error), the time spent in each state and
+    the messages sent and received. A workflow's audit covers all of its tasks; a
+    worker's, the leases it held. Read-only. `--json` is `--format json`.
+    """
+    from tools.audit import FORMATS, Auditor, render, tables
+
+    if json_out:
+        fmt = "json"
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+
+    async def main(client: PantheonClient) -> Any:
+        with err.status(f"reading the log for {entity_id}") as status:
+            auditor = Auditor(client, progress=lambda msg: status.update(msg))
+            return await auditor.audit(entity_id)
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if fmt == "table":
+        for table in tables(report):
+            out.print(table)
+    else:
+        sys.stdout.write(render(report, fmt))
 
 
 @app.command()
