@@ -1095,6 +1095,23 @@ def projector(
 @app.command()
 def events(
     from_seq: Annotated[int, typer.Option(min=1, help="First stream sequence to show.")] = 1,
+    aggregate: Annotated[
+        str | None,
+        typer.Option(help="Only this aggregate: task, workflow, worker, mailbox or tenant."),
+    ] = None,
+    entity_id: Annotated[
+        str | None, typer.Option("--id", help="Only the aggregate instance with this id.")
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Only this event type, e.g. LeaseGranted (repeatable)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Start at this time: ISO 8601 (2026-11-24T08:00:00Z) or 15m, 2h, 1d ago."
+        ),
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new events.")
     ] = False,
@@ -1107,14 +1124,35 @@ def events(
     tenant: Tenant = "default",
     root: Root = "pantheon",
 ) -> None:
-    """Print the tenant's events from the log, oldest first."""
+    """Print the tenant's events from the log, oldest first.
+
+    --aggregate and --id are filtered by the server (the consumer's filter subject);
+    --type by this client (appends carry no type header); --since starts at the first
+    event stored at or after the time. See docs/subscribing.md.
+    """
     from pantheon_es.events import decode
     from pantheon_es.store import EventStore
+    from tools.events import EventFilter, parse_time, seq_at
 
+    try:
+        wanted = EventFilter(
+            tenant,
+            aggregate,
+            entity_id,
+            frozenset(types or ()),
+            parse_time(since) if since is not None else None,
+        )
+    except PantheonError as exc:
+        raise typer.BadParameter(exc.message) from None
+    needles = wanted.needles()
     collected: list[dict[str, Any]] = []
 
     def show(seq: int, payload: bytes) -> None:
+        if not wanted.keep(payload, needles):
+            return
         ev = decode(payload, seq)
+        if wanted.types and ev.type not in wanted.types:
+            return
         doc = {"seq": seq, **ev.model_dump(mode="json")}
         if json_out and not follow:
             collected.append(doc)
@@ -1132,11 +1170,15 @@ def events(
 
     async def main(client: PantheonClient) -> None:
         store = EventStore(client.nc, client.subjects)
-        subject = client.subjects.events(client.tenant)
+        subject = wanted.subject(client.subjects)
         last = await store.subject_last_seq(subject)
-        if not follow and last < from_seq:
+        start = from_seq
+        if wanted.since is not None:
+            at = await seq_at(store, subject, wanted.since)
+            start = max(start, at if at is not None else last + 1)
+        if not follow and last < start:
             return
-        async with store.feed(from_seq=from_seq, subject=subject) as feed:
+        async with store.feed(from_seq=start, subject=subject) as feed:
             while True:
                 batch = await feed.next_batch(1000)
                 for raw in batch:
@@ -1588,16 +1630,223 @@ def _show_verify(report: Any, show: int) -> None:
 # -- schema ----------------------------------------------------------------------------------------
 
 
+# -- watch ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def watch(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="task, agent, workflow, worker or mailbox (default: all of them)."),
+    ] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter", help="FIELD=VALUE[,VALUE...]: only entities whose field is one of these."
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the current values and exit.")
+    ] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON object per line per change: {key, model, id, op, revision, value}.",
+        ),
+    ] = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Show the current state of the tenant's entities live, from the KV bucket pantheon-state.
+
+    First the current values, then every change, in order per entity (Ctrl-C stops).
+    With a filter, an entity that stops matching is reported once with op `leave`;
+    an archived entity with op `delete`. Example: `pantheon watch task --filter status=running`.
+    """
+    from pantheon_es.watch import MODELS
+    from tools.watch import follow
+
+    if model is not None and model not in MODELS:
+        raise typer.BadParameter(f"MODEL must be one of {', '.join(MODELS)}")
+    pairs = _pairs(filters, "--filter")
+
+    async def main(client: PantheonClient) -> int:
+        return await follow(client, model, pairs, once=once, json_lines=json_out, console=out)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it
+        _run(_with_client(nats_url, data_dir, tenant, root, main))
+
+
+# -- audit ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def audit(
+    entity_id: Annotated[
+        str, typer.Argument(metavar="ID", help="A task, agent, workflow or worker id.")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="table (default), json, jsonl or csv."),
+    ] = "table",
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Everything the log says about one task, agent, workflow or worker.
+
+    A timeline of every event concerning it (stream sequence, time, type, actor,
+    causation and correlation), each task's attempts (lease, worker, time pending,
+    leased and running, outcome, result or error), the time spent in each state and
+    the messages sent and received. A workflow's audit covers all of its tasks; a
+    worker's, the leases it held. Read-only. `--json` is `--format json`.
+    """
+    from tools.audit import FORMATS, Auditor, render, tables
+
+    if json_out:
+        fmt = "json"
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+
+    async def main(client: PantheonClient) -> Any:
+        with err.status(f"reading the log for {entity_id}") as status:
+            auditor = Auditor(client, progress=lambda msg: status.update(msg))
+            return await auditor.audit(entity_id)
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if fmt == "table":
+        for table in tables(report):
+            out.print(table)
+    else:
+        sys.stdout.write(render(report, fmt))
+
+
+@app.command()
+def whatif(
+    policy: Annotated[
+        Path,
+        typer.Option(
+            "--policy",
+            help="Policy to simulate: a YAML or JSON file (see docs/whatif.md).",
+        ),
+    ],
+    until: Annotated[
+        str | None,
+        typer.Option(help="Use the log up to this time (ISO 8601, e.g. 2026-11-24T09:00:00Z)."),
+    ] = None,
+    until_seq: Annotated[
+        int | None, typer.Option(min=1, help="Use the log up to this stream sequence.")
+    ] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Replay the recorded workload under another scheduling policy, in simulated time.
+
+    Reads the log (read-only: nothing is appended): task arrivals, worker capacity over time
+    and observed run durations. Runs them through the scheduler's placement policy as set by
+    --policy (weights, aging, limits, or plain FIFO) and prints, side by side with what really
+    happened, wait-time percentiles per priority band and per tenant, utilisation per resource
+    and makespan. Covers every tenant of the deployment (workers and limits are shared);
+    --tenant only names who connects.
+
+    Example: `pantheon whatif --policy examples/whatif-fifo.yaml`. Policy fields: mode
+    (priority|fifo), aging_per_s, band, tenant_weights, fairness_weights, max_running_agents,
+    concurrency_limits, max_running_per_tenant, tenant_max_running (docs/whatif.md).
+    """
+    from datetime import datetime
+
+    from rich.progress import Progress
+
+    from pantheon_es.store import EventStore
+    from tools.whatif import PolicyFileError, compare, load_policy, read_workload, tables
+
+    if until is not None and until_seq is not None:
+        raise typer.BadParameter("give --until or --until-seq, not both")
+    try:
+        policy_file = load_policy(policy)
+    except PolicyFileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from None
+    cutoff = None
+    if until is not None:
+        try:
+            cutoff = datetime.fromisoformat(until)
+        except ValueError:
+            raise typer.BadParameter(
+                f"not an ISO 8601 time: {until!r}", param_hint="--until"
+            ) from None
+        if cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=UTC)
+
+    async def main(client: PantheonClient) -> dict[str, Any]:
+        store = EventStore(client.nc, client.subjects)
+        with Progress(console=err, transient=True, disable=json_out) as bar:
+            task = bar.add_task("reading the log", total=None)
+            workload = await read_workload(
+                store,
+                until_seq=until_seq,
+                until=cutoff,
+                progress=lambda seq, last: bar.update(task, completed=seq, total=last),
+            )
+            bar.update(task, description=f"simulating {len(workload.tasks)} tasks")
+            return compare(workload, policy_file)
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if json_out:
+        _print_json(report)
+        return
+    for table in tables(report):
+        out.print(table)
+
+
 @app.command()
 def schema(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write to this file instead of stdout.")
     ] = None,
+    asyncapi: Annotated[
+        bool,
+        typer.Option(
+            "--asyncapi",
+            help="Print an AsyncAPI 3.0 document instead: every command and query subject "
+            "with its request and reply, every event subject, the state bucket and the work "
+            "offers (docs/other-languages.md).",
+        ),
+    ] = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
 ) -> None:
-    """Print the JSON Schema of every command, query, event and reply."""
-    from pantheon_es.schema import export
+    """Print the JSON Schema of every command, query, event and reply.
 
-    doc = orjson.dumps(export(), option=orjson.OPT_INDENT_2).decode() + "\n"
+    Works offline. With --asyncapi, --nats-url (or the `pantheon up` on --data-dir, if one
+    runs) fills the document's servers and --tenant the default of its tenant parameter.
+    """
+    from pantheon_es.asyncapi import export_asyncapi
+    from pantheon_es.schema import export
+    from pantheon_es.subjects import Subjects
+
+    try:
+        subjects = Subjects(root)
+        if asyncapi:
+            if nats_url is None:
+                with contextlib.suppress(UnavailableError):  # offline is fine: a placeholder
+                    info = discover(data_dir)
+                    nats_url, subjects = info["nats_url"], Subjects(info.get("root", root))
+            body = export_asyncapi(subjects, nats_url=nats_url, tenant=tenant)
+        else:
+            body = export(subjects)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    doc = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n"
     if out_file:
         out_file.write_text(doc)
         err.print(f"wrote {out_file}", highlight=False)
