@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -81,13 +80,11 @@ async def test_replay_until_a_sequence_equals_the_live_state_captured_there(
     assert replayed == live
     assert listing(tmp_path) == ["at-s.db"]  # no temporary file left beside it
 
-    # The same state by time: the stream's stored time of S (to the microsecond above it).
+    # The same state by time: the stream's stored time of S, to the microsecond.
     msg = await store.js.get_msg(store.stream, seq=seq, direct=True)
     assert msg.headers is not None
-    stamp = msg.headers["Nats-Time-Stamp"]
-    whole, _, frac = stamp.rstrip("Z").partition(".")
-    micros = math.ceil(int(frac.ljust(9, "0")) / 1000)
-    when = datetime.fromisoformat(whole).replace(tzinfo=UTC) + timedelta(microseconds=micros)
+    whole, _, frac = msg.headers["Nats-Time-Stamp"].rstrip("Z").partition(".")
+    when = datetime.fromisoformat(f"{whole}.{frac.ljust(9, '0')[:6]}+00:00")
     assert await seq_at_time(store, when) == seq
     by_time = await replay(store, tmp_path / "at-t.db", until=when)
     assert by_time.last_seq == seq

@@ -24,7 +24,6 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-import orjson
 
 from pantheon_es.errors import (
     ConflictError,
@@ -36,12 +35,11 @@ from pantheon_es.errors import (
 from pantheon_es.events import EventRecord
 from pantheon_es.store import EventStore
 from projections.projector import Projector
+from tools.events import seq_at
 
 #: progress(position, target) as the projector calls it
 Progress = Callable[[int, int], None]
 Sink = Callable[[list[EventRecord]], None]
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +79,6 @@ def parse_time(text: str) -> datetime:
     return when.astimezone(UTC)
 
 
-def _rfc3339_ns(ns: int) -> str:
-    seconds, frac = divmod(ns, 1_000_000_000)
-    whole = (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{whole}.{frac:09d}Z"
-
-
 async def head_seq(store: EventStore) -> int:
     """The stream's last sequence; a typed error when there is no stream."""
     try:
@@ -100,29 +92,16 @@ async def head_seq(store: EventStore) -> int:
 
 
 async def seq_at_time(store: EventStore, when: datetime) -> int:
-    """The last stream sequence stored at or before ``when`` (0 if none is).
+    """The last stream sequence stored at or before ``when``, to the microsecond (0 if none).
 
-    Uses the stream's stored time (the server's clock when it stored the
-    message): it grows with the sequence, unlike ``occurred_at``, which comes
-    from the clocks of several service replicas.
+    "At or before" is "before ``when`` plus one microsecond": the stream's stored
+    time (the server's clock when it stored the message) has nanoseconds, a
+    TIME has microseconds. The stored time grows with the sequence, unlike
+    ``occurred_at``, which comes from the clocks of several service replicas.
     """
     head = await head_seq(store)
-    # first message stored strictly after ``when``: one nanosecond past it, at or after
-    after_ns = (when - _EPOCH) // timedelta(microseconds=1) * 1000 + 1
-    request = orjson.dumps({"start_time": _rfc3339_ns(after_ns)})
-    try:
-        msg = await store.nc.request(
-            f"$JS.API.DIRECT.GET.{store.stream}", request, timeout=store.config.ack_timeout
-        )
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-        raise UnavailableError(f"direct get on {store.stream} did not answer") from exc
-    headers = msg.headers or {}
-    status = headers.get("Status")
-    if status == "404":
-        return head  # nothing stored after ``when``: the whole log
-    if status is not None or "Nats-Sequence" not in headers:
-        raise UnavailableError(f"direct get by time on {store.stream} failed: {headers}")
-    return min(head, int(headers["Nats-Sequence"]) - 1)
+    after = await seq_at(store, store.subjects.all_events, when + timedelta(microseconds=1))
+    return head if after is None else min(head, after - 1)
 
 
 def remove_database(path: Path) -> None:
