@@ -1430,6 +1430,203 @@ def demo(
         raise typer.Exit(1)
 
 
+# -- replay and verify -----------------------------------------------------------------------------
+
+
+def _progress(what: str) -> Any:
+    """A progress bar on stderr (only on a terminal: never mixed into --json or a pipe)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{what}[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("events"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+
+
+SkipUnknown = Annotated[
+    bool, typer.Option("--skip-unknown", help="Go past event types this build does not know.")
+]
+
+
+@app.command()
+def replay(
+    out_file: Annotated[
+        Path, typer.Option("--out", help="The new SQLite file to build the read models into.")
+    ],
+    until_seq: Annotated[
+        int | None, typer.Option(min=0, help="Stop after this stream sequence.")
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Stop after the last event the stream stored at or before this ISO 8601 "
+            "time (e.g. 2026-11-24T09:30:00Z; no offset means UTC).",
+        ),
+    ] = None,
+    skip_unknown: SkipUnknown = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Rebuild every read model from the log into a new SQLite file: the state at a time.
+
+    Reads the whole log (every tenant) up to --until-seq or --until (default: its
+    end) and writes the tables `pantheon up` keeps, in a file of their own; the
+    live log, database and state bucket are only read. A failed replay leaves no
+    file. See docs/operations.md, "Replay and verify".
+    """
+    from pantheon_es.node import tune_gc
+    from tools.replay import parse_time
+    from tools.replay import replay as run_replay
+
+    if until_seq is not None and until is not None:
+        raise typer.BadParameter("give --until-seq or --until, not both")
+    try:
+        when = parse_time(until) if until is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--until") from None
+    if out_file.exists() and not force:
+        raise typer.BadParameter(f"{out_file} exists; pass --force to overwrite it")
+    if not out_file.parent.is_dir():
+        raise typer.BadParameter(f"directory {out_file.parent} does not exist")
+    logs.configure("warning")  # on stderr: --json keeps stdout to itself
+    tune_gc()
+
+    async def main(client: PantheonClient) -> Any:
+        from pantheon_es.errors import UnknownEventTypeError
+        from pantheon_es.store import EventStore
+
+        store = EventStore(client.nc, client.subjects)
+        with _progress("replay") as bar:
+            task = bar.add_task("replay", total=None)
+            try:
+                return await run_replay(
+                    store, out_file, until_seq=until_seq, until=when,
+                    skip_unknown=skip_unknown, force=force,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )  # fmt: skip
+            except UnknownEventTypeError as exc:
+                exc.message += "; pass --skip-unknown to go past it"
+                raise
+
+    summary = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if json_out:
+        _print_json(summary.to_dict())
+    else:
+        out.print(
+            f"replayed {summary.events} events (through sequence {summary.last_seq}) into "
+            f"{summary.out} in {summary.seconds:.2f} s",
+            highlight=False,
+        )
+
+
+@app.command()
+def verify(
+    db: Annotated[
+        Path | None,
+        typer.Option(help="Live read-model database. Default: DATA_DIR/projections.db."),
+    ] = None,
+    skip_unknown: SkipUnknown = False,
+    show: Annotated[
+        int, typer.Option(min=0, help="Differing rows and violations listed per table/check.")
+    ] = 20,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Check the live read models against a rebuild, and the invariants of the whole history.
+
+    Rebuilds the read models up to the live database's checkpoint and compares
+    them table by table (checksums; differing rows named by key), then folds the
+    whole log (every tenant) through the invariant checks (leases, fencing,
+    capacity, terminal events, message order, dependencies), naming each event
+    that breaks one. Exit code 0 if all agree, 1 on any difference or violation.
+    """
+    from pantheon_es.node import DB_NAME, tune_gc
+    from tools.verify import verify as run_verify
+
+    db_path = db if db is not None else data_dir / DB_NAME
+    logs.configure("warning")
+    tune_gc()
+
+    async def main(client: PantheonClient) -> Any:
+        from pantheon_es.store import EventStore
+
+        store = EventStore(client.nc, client.subjects)
+        with _progress("verify") as bar:
+            task = bar.add_task("verify", total=None)
+            return await run_verify(
+                store, db_path, skip_unknown=skip_unknown,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        _show_verify(report, show)
+    if not report.ok:
+        bad = sum(1 for t in report.tables if not t.equal)
+        err.print(
+            f"[red]verify FAILED[/red]: {bad} table(s) differ from a rebuild, "
+            f"{len(report.violations)} invariant violation(s)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+def _show_verify(report: Any, show: int) -> None:
+    tables = Table("TABLE", "LIVE ROWS", "REBUILT ROWS", "CHECKSUM", "RESULT")
+    for t in report.tables:
+        result = "[green]equal[/green]" if t.equal else "[red]DIFFERS[/red]"
+        tables.add_row(t.table, str(t.live_rows), str(t.rebuilt_rows), t.live_checksum[:16],
+                       result)  # fmt: skip
+    out.print(f"read models of {report.db} at sequence {report.checkpoint} against a rebuild:")
+    out.print(tables)
+    for t in report.tables:
+        named = [("missing (rebuild only)", k) for k in t.missing]
+        named += [("extra (live only)", k) for k in t.extra]
+        named += [(f"changed {sorted(c['columns'])}", c["key"]) for c in t.changed]
+        for what, key in named[:show]:
+            out.print(f"  {t.table} {dict(zip(t.key, key, strict=True))}: {what}",
+                      highlight=False)  # fmt: skip
+        if len(named) > show:
+            out.print(f"  {t.table}: ... and {len(named) - show} more rows", highlight=False)
+    checks = Table("INVARIANT", "VIOLATIONS", "WHAT IT MEANS")
+    for name, count in report.counts.items():
+        from tools.invariants import INVARIANTS
+
+        checks.add_row(name, str(count) if count else "[green]0[/green]", INVARIANTS[name])
+    out.print(f"invariants over {report.events} events (through sequence {report.last_seq}):")
+    out.print(checks)
+    shown: dict[str, int] = {}
+    for v in report.violations:
+        shown[v.invariant] = shown.get(v.invariant, 0) + 1
+        if shown[v.invariant] <= show:
+            out.print(f"  {v}", highlight=False, soft_wrap=True)
+    for name, count in shown.items():
+        if count > show:
+            out.print(f"  {name}: ... and {count - show} more", highlight=False)
+    if report.ok:
+        out.print(f"[green]verify OK[/green] in {report.seconds:.2f} s")
+
+
 # -- schema ----------------------------------------------------------------------------------------
 
 
