@@ -1110,6 +1110,23 @@ def projector(
 @app.command()
 def events(
     from_seq: Annotated[int, typer.Option(min=1, help="First stream sequence to show.")] = 1,
+    aggregate: Annotated[
+        str | None,
+        typer.Option(help="Only this aggregate: task, workflow, worker, mailbox or tenant."),
+    ] = None,
+    entity_id: Annotated[
+        str | None, typer.Option("--id", help="Only the aggregate instance with this id.")
+    ] = None,
+    types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Only this event type, e.g. LeaseGranted (repeatable)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Start at this time: ISO 8601 (2026-11-24T08:00:00Z) or 15m, 2h, 1d ago."
+        ),
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new events.")
     ] = False,
@@ -1122,14 +1139,35 @@ def events(
     tenant: Tenant = "default",
     root: Root = "pantheon",
 ) -> None:
-    """Print the tenant's events from the log, oldest first."""
+    """Print the tenant's events from the log, oldest first.
+
+    --aggregate and --id are filtered by the server (the consumer's filter subject);
+    --type by this client (appends carry no type header); --since starts at the first
+    event stored at or after the time. See docs/subscribing.md.
+    """
     from pantheon_es.events import decode
     from pantheon_es.store import EventStore
+    from tools.events import EventFilter, parse_time, seq_at
 
+    try:
+        wanted = EventFilter(
+            tenant,
+            aggregate,
+            entity_id,
+            frozenset(types or ()),
+            parse_time(since) if since is not None else None,
+        )
+    except PantheonError as exc:
+        raise typer.BadParameter(exc.message) from None
+    needles = wanted.needles()
     collected: list[dict[str, Any]] = []
 
     def show(seq: int, payload: bytes) -> None:
+        if not wanted.keep(payload, needles):
+            return
         ev = decode(payload, seq)
+        if wanted.types and ev.type not in wanted.types:
+            return
         doc = {"seq": seq, **ev.model_dump(mode="json")}
         if json_out and not follow:
             collected.append(doc)
@@ -1147,11 +1185,15 @@ def events(
 
     async def main(client: PantheonClient) -> None:
         store = EventStore(client.nc, client.subjects)
-        subject = client.subjects.events(client.tenant)
+        subject = wanted.subject(client.subjects)
         last = await store.subject_last_seq(subject)
-        if not follow and last < from_seq:
+        start = from_seq
+        if wanted.since is not None:
+            at = await seq_at(store, subject, wanted.since)
+            start = max(start, at if at is not None else last + 1)
+        if not follow and last < start:
             return
-        async with store.feed(from_seq=from_seq, subject=subject) as feed:
+        async with store.feed(from_seq=start, subject=subject) as feed:
             while True:
                 batch = await feed.next_batch(1000)
                 for raw in batch:
@@ -1403,7 +1445,380 @@ def demo(
         raise typer.Exit(1)
 
 
+# -- replay and verify -----------------------------------------------------------------------------
+
+
+def _progress(what: str) -> Any:
+    """A progress bar on stderr (only on a terminal: never mixed into --json or a pipe)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{what}[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("events"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+
+
+SkipUnknown = Annotated[
+    bool, typer.Option("--skip-unknown", help="Go past event types this build does not know.")
+]
+
+
+@app.command()
+def replay(
+    out_file: Annotated[
+        Path, typer.Option("--out", help="The new SQLite file to build the read models into.")
+    ],
+    until_seq: Annotated[
+        int | None, typer.Option(min=0, help="Stop after this stream sequence.")
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Stop after the last event the stream stored at or before this ISO 8601 "
+            "time (e.g. 2026-11-24T09:30:00Z; no offset means UTC).",
+        ),
+    ] = None,
+    skip_unknown: SkipUnknown = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Rebuild every read model from the log into a new SQLite file: the state at a time.
+
+    Reads the whole log (every tenant) up to --until-seq or --until (default: its
+    end) and writes the tables `pantheon up` keeps, in a file of their own; the
+    live log, database and state bucket are only read. A failed replay leaves no
+    file. See docs/operations.md, "Replay and verify".
+    """
+    from pantheon_es.node import tune_gc
+    from tools.replay import parse_time
+    from tools.replay import replay as run_replay
+
+    if until_seq is not None and until is not None:
+        raise typer.BadParameter("give --until-seq or --until, not both")
+    try:
+        when = parse_time(until) if until is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--until") from None
+    if out_file.exists() and not force:
+        raise typer.BadParameter(f"{out_file} exists; pass --force to overwrite it")
+    if not out_file.parent.is_dir():
+        raise typer.BadParameter(f"directory {out_file.parent} does not exist")
+    logs.configure("warning")  # on stderr: --json keeps stdout to itself
+    tune_gc()
+
+    async def main(client: PantheonClient) -> Any:
+        from pantheon_es.errors import UnknownEventTypeError
+        from pantheon_es.store import EventStore
+
+        store = EventStore(client.nc, client.subjects)
+        with _progress("replay") as bar:
+            task = bar.add_task("replay", total=None)
+            try:
+                return await run_replay(
+                    store, out_file, until_seq=until_seq, until=when,
+                    skip_unknown=skip_unknown, force=force,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )  # fmt: skip
+            except UnknownEventTypeError as exc:
+                exc.message += "; pass --skip-unknown to go past it"
+                raise
+
+    summary = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if json_out:
+        _print_json(summary.to_dict())
+    else:
+        out.print(
+            f"replayed {summary.events} events (through sequence {summary.last_seq}) into "
+            f"{summary.out} in {summary.seconds:.2f} s",
+            highlight=False,
+        )
+
+
+@app.command()
+def verify(
+    db: Annotated[
+        Path | None,
+        typer.Option(help="Live read-model database. Default: DATA_DIR/projections.db."),
+    ] = None,
+    skip_unknown: SkipUnknown = False,
+    show: Annotated[
+        int, typer.Option(min=0, help="Differing rows and violations listed per table/check.")
+    ] = 20,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Check the live read models against a rebuild, and the invariants of the whole history.
+
+    Rebuilds the read models up to the live database's checkpoint and compares
+    them table by table (checksums; differing rows named by key), then folds the
+    whole log (every tenant) through the invariant checks (leases, fencing,
+    capacity, terminal events, message order, dependencies), naming each event
+    that breaks one. Exit code 0 if all agree, 1 on any difference or violation.
+    """
+    from pantheon_es.node import DB_NAME, tune_gc
+    from tools.verify import verify as run_verify
+
+    db_path = db if db is not None else data_dir / DB_NAME
+    logs.configure("warning")
+    tune_gc()
+
+    async def main(client: PantheonClient) -> Any:
+        from pantheon_es.store import EventStore
+
+        store = EventStore(client.nc, client.subjects)
+        with _progress("verify") as bar:
+            task = bar.add_task("verify", total=None)
+            return await run_verify(
+                store, db_path, skip_unknown=skip_unknown,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        _show_verify(report, show)
+    if not report.ok:
+        bad = sum(1 for t in report.tables if not t.equal)
+        err.print(
+            f"[red]verify FAILED[/red]: {bad} table(s) differ from a rebuild, "
+            f"{len(report.violations)} invariant violation(s)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+def _show_verify(report: Any, show: int) -> None:
+    tables = Table("TABLE", "LIVE ROWS", "REBUILT ROWS", "CHECKSUM", "RESULT")
+    for t in report.tables:
+        result = "[green]equal[/green]" if t.equal else "[red]DIFFERS[/red]"
+        tables.add_row(t.table, str(t.live_rows), str(t.rebuilt_rows), t.live_checksum[:16],
+                       result)  # fmt: skip
+    out.print(f"read models of {report.db} at sequence {report.checkpoint} against a rebuild:")
+    out.print(tables)
+    for t in report.tables:
+        named = [("missing (rebuild only)", k) for k in t.missing]
+        named += [("extra (live only)", k) for k in t.extra]
+        named += [(f"changed {sorted(c['columns'])}", c["key"]) for c in t.changed]
+        for what, key in named[:show]:
+            out.print(f"  {t.table} {dict(zip(t.key, key, strict=True))}: {what}",
+                      highlight=False)  # fmt: skip
+        if len(named) > show:
+            out.print(f"  {t.table}: ... and {len(named) - show} more rows", highlight=False)
+    checks = Table("INVARIANT", "VIOLATIONS", "WHAT IT MEANS")
+    for name, count in report.counts.items():
+        from tools.invariants import INVARIANTS
+
+        checks.add_row(name, str(count) if count else "[green]0[/green]", INVARIANTS[name])
+    out.print(f"invariants over {report.events} events (through sequence {report.last_seq}):")
+    out.print(checks)
+    shown: dict[str, int] = {}
+    for v in report.violations:
+        shown[v.invariant] = shown.get(v.invariant, 0) + 1
+        if shown[v.invariant] <= show:
+            out.print(f"  {v}", highlight=False, soft_wrap=True)
+    for name, count in shown.items():
+        if count > show:
+            out.print(f"  {name}: ... and {count - show} more", highlight=False)
+    if report.ok:
+        out.print(f"[green]verify OK[/green] in {report.seconds:.2f} s")
+
+
 # -- schema ----------------------------------------------------------------------------------------
+
+
+# -- watch ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def watch(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="task, agent, workflow, worker or mailbox (default: all of them)."),
+    ] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter", help="FIELD=VALUE[,VALUE...]: only entities whose field is one of these."
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the current values and exit.")
+    ] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON object per line per change: {key, model, id, op, revision, value}.",
+        ),
+    ] = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Show the current state of the tenant's entities live, from the KV bucket pantheon-state.
+
+    First the current values, then every change, in order per entity (Ctrl-C stops).
+    With a filter, an entity that stops matching is reported once with op `leave`;
+    an archived entity with op `delete`. Example: `pantheon watch task --filter status=running`.
+    """
+    from pantheon_es.watch import MODELS
+    from tools.watch import follow
+
+    if model is not None and model not in MODELS:
+        raise typer.BadParameter(f"MODEL must be one of {', '.join(MODELS)}")
+    pairs = _pairs(filters, "--filter")
+
+    async def main(client: PantheonClient) -> int:
+        return await follow(client, model, pairs, once=once, json_lines=json_out, console=out)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it
+        _run(_with_client(nats_url, data_dir, tenant, root, main))
+
+
+# -- audit ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def audit(
+    entity_id: Annotated[
+        str, typer.Argument(metavar="ID", help="A task, agent, workflow or worker id.")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="table (default), json, jsonl or csv."),
+    ] = "table",
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Everything the log says about one task, agent, workflow or worker.
+
+    A timeline of every event concerning it (stream sequence, time, type, actor,
+    causation and correlation), each task's attempts (lease, worker, time pending,
+    leased and running, outcome, result or error), the time spent in each state and
+    the messages sent and received. A workflow's audit covers all of its tasks; a
+    worker's, the leases it held. Read-only. `--json` is `--format json`.
+    """
+    from tools.audit import FORMATS, Auditor, render, tables
+
+    if json_out:
+        fmt = "json"
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+
+    async def main(client: PantheonClient) -> Any:
+        with err.status(f"reading the log for {entity_id}") as status:
+            auditor = Auditor(client, progress=lambda msg: status.update(msg))
+            return await auditor.audit(entity_id)
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if fmt == "table":
+        for table in tables(report):
+            out.print(table)
+    else:
+        sys.stdout.write(render(report, fmt))
+
+
+@app.command()
+def whatif(
+    policy: Annotated[
+        Path,
+        typer.Option(
+            "--policy",
+            help="Policy to simulate: a YAML or JSON file (see docs/whatif.md).",
+        ),
+    ],
+    until: Annotated[
+        str | None,
+        typer.Option(help="Use the log up to this time (ISO 8601, e.g. 2026-11-24T09:00:00Z)."),
+    ] = None,
+    until_seq: Annotated[
+        int | None, typer.Option(min=1, help="Use the log up to this stream sequence.")
+    ] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Replay the recorded workload under another scheduling policy, in simulated time.
+
+    Reads the log (read-only: nothing is appended): task arrivals, worker capacity over time
+    and observed run durations. Runs them through the scheduler's placement policy as set by
+    --policy (weights, aging, limits, or plain FIFO) and prints, side by side with what really
+    happened, wait-time percentiles per priority band and per tenant, utilisation per resource
+    and makespan. Covers every tenant of the deployment (workers and limits are shared);
+    --tenant only names who connects.
+
+    Example: `pantheon whatif --policy examples/whatif-fifo.yaml`. Policy fields: mode
+    (priority|fifo), aging_per_s, band, tenant_weights, fairness_weights, max_running_agents,
+    concurrency_limits, max_running_per_tenant, tenant_max_running (docs/whatif.md).
+    """
+    from datetime import datetime
+
+    from rich.progress import Progress
+
+    from pantheon_es.store import EventStore
+    from tools.whatif import PolicyFileError, compare, load_policy, read_workload, tables
+
+    if until is not None and until_seq is not None:
+        raise typer.BadParameter("give --until or --until-seq, not both")
+    try:
+        policy_file = load_policy(policy)
+    except PolicyFileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--policy") from None
+    cutoff = None
+    if until is not None:
+        try:
+            cutoff = datetime.fromisoformat(until)
+        except ValueError:
+            raise typer.BadParameter(
+                f"not an ISO 8601 time: {until!r}", param_hint="--until"
+            ) from None
+        if cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=UTC)
+
+    async def main(client: PantheonClient) -> dict[str, Any]:
+        store = EventStore(client.nc, client.subjects)
+        with Progress(console=err, transient=True, disable=json_out) as bar:
+            task = bar.add_task("reading the log", total=None)
+            workload = await read_workload(
+                store,
+                until_seq=until_seq,
+                until=cutoff,
+                progress=lambda seq, last: bar.update(task, completed=seq, total=last),
+            )
+            bar.update(task, description=f"simulating {len(workload.tasks)} tasks")
+            return compare(workload, policy_file)
+
+    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    if json_out:
+        _print_json(report)
+        return
+    for table in tables(report):
+        out.print(table)
 
 
 @app.command()
@@ -1472,11 +1887,42 @@ def schema(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write to this file instead of stdout.")
     ] = None,
+    asyncapi: Annotated[
+        bool,
+        typer.Option(
+            "--asyncapi",
+            help="Print an AsyncAPI 3.0 document instead: every command and query subject "
+            "with its request and reply, every event subject, the state bucket and the work "
+            "offers (docs/other-languages.md).",
+        ),
+    ] = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
 ) -> None:
-    """Print the JSON Schema of every command, query, event and reply."""
-    from pantheon_es.schema import export
+    """Print the JSON Schema of every command, query, event and reply.
 
-    doc = orjson.dumps(export(), option=orjson.OPT_INDENT_2).decode() + "\n"
+    Works offline. With --asyncapi, --nats-url (or the `pantheon up` on --data-dir, if one
+    runs) fills the document's servers and --tenant the default of its tenant parameter.
+    """
+    from pantheon_es.asyncapi import export_asyncapi
+    from pantheon_es.schema import export
+    from pantheon_es.subjects import Subjects
+
+    try:
+        subjects = Subjects(root)
+        if asyncapi:
+            if nats_url is None:
+                with contextlib.suppress(UnavailableError):  # offline is fine: a placeholder
+                    info = discover(data_dir)
+                    nats_url, subjects = info["nats_url"], Subjects(info.get("root", root))
+            body = export_asyncapi(subjects, nats_url=nats_url, tenant=tenant)
+        else:
+            body = export(subjects)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    doc = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n"
     if out_file:
         out_file.write_text(doc)
         err.print(f"wrote {out_file}", highlight=False)

@@ -31,15 +31,17 @@ import orjson
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from pydantic import ValidationError
 
 from pantheon_es.client import DISCOVERY_FILE, PantheonClient, close_connection
 from pantheon_es.embedded import EmbeddedNats
-from pantheon_es.endpoint import parse_body, respond
-from pantheon_es.errors import InvalidError, PantheonError, UnavailableError
+from pantheon_es.endpoint import invalid, parse_body, respond
+from pantheon_es.errors import PantheonError, UnavailableError
 from pantheon_es.events import decode_record
 from pantheon_es.leader import Leadership
 from pantheon_es.pool import Supervisor, read_side_child, worker_children
 from pantheon_es.scheduler import Scheduler, SchedulerConfig
+from pantheon_es.schema import WhyTask
 from pantheon_es.service import CommandService, ServiceConfig
 from pantheon_es.store import EventFeed, EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
@@ -280,10 +282,11 @@ class Node:
             assert self.scheduler is not None
             tenant = msg.subject.split(".")[-2]
             body = parse_body(msg.data, 4096)
-            task_id = body.get("task_id")
-            if not isinstance(task_id, str) or not task_id:
-                raise InvalidError("task_id (a string) is required")
-            return self.scheduler.why(tenant, task_id)
+            try:
+                question = WhyTask.model_validate(body)
+            except ValidationError as exc:
+                raise invalid(WhyTask.__name__, exc) from None
+            return self.scheduler.why(tenant, question.task_id)
 
         await respond(msg, answer())
 

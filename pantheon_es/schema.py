@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pantheon_es import aggregates
 from pantheon_es.errors import ErrorCode
+from pantheon_es.specs import ExecutorSpec
 from pantheon_es.subjects import Subjects
+from pantheon_es.tasks import TaskId
 
 
 class ErrorBody(BaseModel):
@@ -37,6 +39,46 @@ class ErrorReply(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ok: Literal[False]
     error: ErrorBody
+
+
+class WorkOffer(BaseModel):
+    """A lease offered to a worker; sent after the LeaseGranted event is stored.
+
+    The scheduler builds it as a dict; this model is its contract (the JS client test
+    validates the offers a real scheduler sends against it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["offer"]
+    tenant: str = Field(description="The task's tenant: the worker reports there.")
+    task_id: str
+    lease_id: str
+    fencing_token: int = Field(ge=1, description="Carry it on every report of this lease.")
+    attempt: int = Field(ge=1)
+    ttl: float = Field(gt=0, description="Lease time to live in seconds; renew by heartbeat.")
+    name: str
+    executor: ExecutorSpec
+    labels: dict[str, str]
+    inputs: dict[str, Any] | None = Field(
+        None, description="A workflow task's dependencies' results, by node name."
+    )
+
+
+class WorkStop(BaseModel):
+    """Stop a running task: it was cancelled, timed out or ran past its start-to-close timeout."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["stop"]
+    task_id: str
+    lease_id: str
+    reason: str
+
+
+class WhyTask(BaseModel):
+    """Ask the scheduler's live view of one task (placement state, reason, timers)."""
+
+    model_config = ConfigDict(extra="forbid")
+    task_id: TaskId
 
 
 def export(subjects: Subjects | None = None) -> dict[str, Any]:

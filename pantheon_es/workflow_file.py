@@ -33,17 +33,22 @@ from pantheon_es.errors import InvalidError
 SHORT_FORMS = ("python", "shell", "agent")
 
 
-def load(path: Path, variables: Mapping[str, str]) -> dict[str, Any]:
-    """The CreateWorkflow body a workflow file describes; ``invalid`` if it cannot be read."""
+def read_document(path: Path) -> Any:
+    """A JSON (``.json``) or else YAML file, parsed; ``invalid`` if it cannot be read."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise InvalidError(f"cannot read {path}: {exc}") from None
     try:
-        raw = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, orjson.JSONDecodeError) as exc:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise InvalidError(f"{path} is not valid {kind}: {exc}") from None
+
+
+def load(path: Path, variables: Mapping[str, str]) -> dict[str, Any]:
+    """The CreateWorkflow body a workflow file describes; ``invalid`` if it cannot be read."""
+    raw = read_document(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("tasks"), list):
         raise InvalidError(f"{path}: expected a mapping with a list of `tasks`")
     raw = _substitute(raw, variables)

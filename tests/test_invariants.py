@@ -1,0 +1,376 @@
+"""The invariant checker of `pantheon verify`: a pure fold, tested without a server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from pantheon_es import ids
+from pantheon_es.events import EventData, EventRecord, decode_record, encode, make_event
+from pantheon_es.mailbox import MailboxState, MessagePriority, MessagesDelivered, MessageSent
+from pantheon_es.mailbox import evolve as mailbox_evolve
+from tools.invariants import TERMINAL_EVENTS, InvariantChecker
+
+T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
+TASK, OTHER = "01JTASK0000000000000000001", "01JTASK0000000000000000002"
+
+
+def at(seconds: float) -> str:
+    return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+
+class History:
+    """Hand-written records, numbered like a stream."""
+
+    def __init__(self) -> None:
+        self.records: list[EventRecord] = []
+
+    def add(
+        self, type_: str, aggregate: str, aggregate_id: str, data: dict[str, Any], t: float = 0.0
+    ) -> EventRecord:
+        seq = len(self.records) + 1
+        record = EventRecord(seq, f"ev{seq}", type_, 1, "default", aggregate, aggregate_id,
+                             at(t), "test", "corr", None, data)  # fmt: skip
+        self.records.append(record)
+        return record
+
+    def task(self, type_: str, data: dict[str, Any], t: float = 0.0, task: str = TASK) -> int:
+        return self.add(type_, "task", task, data, t).seq
+
+    def submit(
+        self, task: str = TASK, cpu: float = 1.0, depends_on: list[str] | None = None
+    ) -> None:
+        resources = {"cpu": cpu, "memory_mb": 0, "gpu": 0, "custom": {}}
+        self.task("TaskSubmitted", {"resources": resources, "depends_on": depends_on or []},
+                  task=task)  # fmt: skip
+
+    def grant(self, lease: str, t: float = 0.0, task: str = TASK, worker: str = "w1") -> int:
+        data = {"lease_id": lease, "worker_id": worker, "attempt": 1, "fencing_token": 1,
+                "expires_at": at(t + 10), "ttl": 10.0}  # fmt: skip
+        return self.task("LeaseGranted", data, t, task)
+
+    def register(self, worker: str = "w1", cpu: float = 2.0, slots: int = 4) -> None:
+        capacity = {"cpu": cpu, "memory_mb": 1024, "gpu": 0, "custom": {}}
+        self.add("WorkerRegistered", "worker", worker, {"capacity": capacity, "slots": slots})
+
+    def check(self) -> InvariantChecker:
+        checker = InvariantChecker()
+        checker.feed(self.records)
+        return checker
+
+
+def only(checker: InvariantChecker) -> tuple[str, int]:
+    assert len(checker.violations) == 1, checker.violations
+    v = checker.violations[0]
+    return v.invariant, v.seq
+
+
+def test_a_clean_life_of_a_task_breaks_nothing() -> None:
+    h = History()
+    h.register()
+    h.submit()
+    h.grant("L1", t=1)
+    h.task("TaskStarted", {"lease_id": "L1", "started_at": at(2)}, t=2)
+    h.task("LeaseRenewed", {"lease_id": "L1", "expires_at": at(19), "activity": True}, t=9)
+    h.task("TaskProgressed", {"lease_id": "L1"}, t=15)  # after the first expiry, renewed
+    h.task("LeaseExpired", {"lease_id": "L1", "attempt": 1, "reason": "not renewed"}, t=20)
+    h.grant("L2", t=21)
+    h.task("TaskCompleted", {"lease_id": "L2"}, t=22)
+    checker = h.check()
+    assert checker.violations == []
+    assert checker.events == 9 and set(checker.counts().values()) == {0}
+
+
+def test_second_grant_while_a_lease_is_live_is_named() -> None:
+    h = History()
+    h.submit()
+    h.grant("L1")
+    forged = h.grant("L2", t=1)
+    assert only(h.check()) == ("single_live_lease", forged)
+    assert "L1" in h.check().violations[0].message
+
+
+def test_completion_after_expiry_is_a_stale_report() -> None:
+    h = History()
+    h.submit()
+    h.grant("L1")
+    h.task("LeaseExpired", {"lease_id": "L1", "attempt": 1, "reason": "not renewed"}, t=11)
+    forged = h.task("TaskCompleted", {"lease_id": "L1"}, t=12)
+    checker = h.check()
+    assert only(checker) == ("stale_report", forged)
+    assert checker.violations[0].event_id == f"ev{forged}"
+    assert checker.violations[0].type == "TaskCompleted"
+
+
+def test_report_after_the_lease_ran_out_unrenewed_is_stale() -> None:
+    h = History()
+    h.submit()
+    h.grant("L1")  # expires at t=10
+    late = h.task("LeaseRenewed", {"lease_id": "L1", "expires_at": at(25), "activity": False},
+                  t=10.5)  # fmt: skip
+    assert only(h.check()) == ("stale_report", late)
+
+
+def test_scheduler_start_to_close_retry_is_not_a_report() -> None:
+    h = History()
+    h.submit()
+    h.grant("L1")
+    h.task("RetryScheduled", {"lease_id": "L1", "error": {"type": "StartToCloseTimeout"}}, t=11)
+    assert h.check().violations == []
+
+
+def test_worker_over_committed_by_cpu_or_slots_is_named() -> None:
+    h = History()
+    h.register("w1", cpu=2.0, slots=4)
+    h.submit(TASK, cpu=1.5)
+    h.submit(OTHER, cpu=1.0)
+    h.grant("L1", task=TASK)
+    over = h.grant("L2", task=OTHER)
+    checker = h.check()
+    assert only(checker) == ("worker_capacity", over)
+    assert "cpu 2.5 > 2" in checker.violations[0].message
+
+    h = History()
+    h.register("w1", cpu=8.0, slots=1)
+    h.submit(TASK)
+    h.submit(OTHER)
+    h.grant("L1", task=TASK)
+    h.task("TaskCompleted", {"lease_id": "L1"}, t=1)  # frees the slot
+    h.grant("L2", task=OTHER, t=2)
+    assert h.check().violations == []
+    third = h.grant("L3", task=TASK, t=3)  # TASK is completed, but the slot count is the point
+    assert ("worker_capacity", third) in [(v.invariant, v.seq) for v in h.check().violations]
+
+
+def test_lost_worker_frees_its_capacity() -> None:
+    h = History()
+    h.register("w1", cpu=1.0, slots=1)
+    h.submit(TASK)
+    h.submit(OTHER)
+    h.grant("L1", task=TASK)
+    h.add("WorkerLost", "worker", "w1", {"incarnation": "i1"})
+    h.register("w1", cpu=1.0, slots=1)
+    h.grant("L2", task=OTHER)
+    assert h.check().violations == []
+
+
+def test_second_terminal_event_is_named_unless_redriven_between() -> None:
+    h = History()
+    h.submit()
+    h.grant("L1")
+    h.task("TaskFailed", {"lease_id": "L1", "error": {"type": "E"}}, t=1)
+    h.task("TaskRedriven", {"previous_status": "failed", "reason": "r"}, t=2)
+    h.grant("L2", t=3)
+    h.task("TaskCompleted", {"lease_id": "L2"}, t=4)
+    assert h.check().violations == []
+    again = h.task("TaskCancelled", {"previous_status": "completed"}, t=5)
+    assert only(h.check()) == ("one_terminal_event", again)
+
+
+def test_dependent_leased_before_its_dependency_completed_is_named() -> None:
+    h = History()
+    h.submit(TASK)
+    h.submit(OTHER, depends_on=[TASK])
+    early = h.grant("L2", task=OTHER)
+    assert only(h.check()) == ("dependency_order", early)
+
+    h = History()
+    h.submit(TASK)
+    h.submit(OTHER, depends_on=[TASK])
+    h.grant("L1", task=TASK)
+    h.task("TaskCompleted", {"lease_id": "L1"}, t=1, task=TASK)
+    h.grant("L2", task=OTHER, t=2)
+    assert h.check().violations == []
+
+
+def send(h: History, message_id: str, priority: str) -> None:
+    h.add("MessageSent", "mailbox", TASK, {"message_id": message_id, "priority": priority})
+
+
+def test_delivery_out_of_priority_or_fifo_order_is_named() -> None:
+    h = History()
+    send(h, "m1", "low")
+    send(h, "m2", "urgent")
+    send(h, "m3", "urgent")
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m2", "m3"]})
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m1"]})
+    assert h.check().violations == []
+
+    h = History()
+    send(h, "m1", "low")
+    send(h, "m2", "urgent")
+    wrong = h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m1"]}).seq
+    checker = h.check()
+    assert only(checker) == ("message_order", wrong)
+    assert "m2 (urgent" in checker.violations[0].message
+
+    h = History()
+    send(h, "m1", "high")
+    send(h, "m2", "high")
+    swapped = h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m2", "m1"]}).seq
+    assert only(h.check()) == ("message_order", swapped)
+
+
+# -- property: the real mailbox domain never breaks the order the checker holds it to --------------
+
+Op = tuple[str, Any]
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.sampled_from(list(MessagePriority))),
+        st.tuples(st.just("receive"), st.integers(1, 4)),
+    ),
+    max_size=40,
+)
+
+
+def _event(data: EventData, occurred_at: datetime = T0) -> Any:
+    return make_event(
+        data, event_id=ids.new_id(), tenant="default", aggregate_id=TASK, occurred_at=occurred_at,
+        actor="test", correlation_id="c", causation_id=None,
+    )  # fmt: skip
+
+
+def _mailbox_history(script: list[Op]) -> list[EventRecord]:
+    state = MailboxState(TASK, {})
+    records: list[EventRecord] = []
+    for kind, arg in script:
+        if kind == "send":
+            data: EventData = MessageSent(message_id=ids.new_id(), sender="s", priority=arg,
+                                          type="update", body="b")  # fmt: skip
+        else:
+            taken = state.pending()[:arg]
+            if not taken:
+                continue
+            data = MessagesDelivered(message_ids=[m.message_id for m in taken])
+        event = _event(data)
+        records.append(decode_record(encode(event), len(records) + 1))
+        state = mailbox_evolve(state, event)
+    return records
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops)
+def test_deliveries_the_mailbox_decides_are_always_in_order(script: list[Op]) -> None:
+    checker = InvariantChecker()
+    checker.feed(_mailbox_history(script))
+    assert checker.violations == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops)
+def test_a_delivery_reordered_across_priorities_is_caught(script: list[Op]) -> None:
+    tail: list[Op] = [("send", MessagePriority.LOW), ("send", MessagePriority.URGENT),
+                      ("receive", 100)]  # fmt: skip
+    records = _mailbox_history(script + tail)
+    last = records[-1]
+    assert last.type == "MessagesDelivered" and len(last.data["message_ids"]) >= 2
+    records[-1] = last._replace(
+        data={**last.data, "message_ids": list(reversed(last.data["message_ids"]))}
+    )
+    checker = InvariantChecker()
+    checker.feed(records)
+    assert [(v.invariant, v.seq) for v in checker.violations] == [("message_order", last.seq)]
+
+
+# -- property: any history the task domain accepts keeps the lease invariants ----------------------
+
+# reports and grants weighted up, so that most histories lease, run and finish several times
+TASK_OPS = (
+    ["grant"] * 4
+    + ["start", "heartbeat", "progress"] * 3
+    + ["complete", "fail", "release", "expire", "cancel", "redrive", "start_to_close", "inactivity"]
+)
+task_scripts = st.lists(
+    st.tuples(
+        st.sampled_from(TASK_OPS),
+        st.one_of(st.just(-1), st.integers(0, 7)),  # -1: the newest lease
+        st.floats(0, 6),
+    ),
+    max_size=60,
+)
+
+
+def _task_command(op: str, lease: tuple[str, int], n_leases: int) -> Any:
+    from pantheon_es import tasks as t
+    from pantheon_es.specs import ErrorInfo
+
+    report = {"task_id": TASK, "lease_id": lease[0], "fencing_token": lease[1]}
+    if op == "grant":
+        return t.GrantLease(task_id=TASK, lease_id=f"L{n_leases + 1}", worker_id="w1", ttl=10.0)
+    simple: dict[str, Any] = {
+        "start": lambda: t.StartTask(**report),
+        "heartbeat": lambda: t.Heartbeat(**report),
+        "progress": lambda: t.ReportProgress(**report),
+        "complete": lambda: t.CompleteTask(**report),
+        "fail": lambda: t.FailTask(**report, error=ErrorInfo(type="E", message="m")),
+        "release": lambda: t.ReleaseTask(**report),
+        "expire": lambda: t.ExpireLease(task_id=TASK, lease_id=lease[0]),
+        "cancel": lambda: t.CancelTask(task_id=TASK),
+        "redrive": lambda: t.RedriveTask(task_id=TASK),
+        "start_to_close": lambda: t.TimeOutTask(task_id=TASK, timeout=3.0,
+                                                kind="start_to_close", lease_id=lease[0]),
+        "inactivity": lambda: t.TimeOutTask(task_id=TASK, timeout=8.0),
+    }  # fmt: skip
+    return simple[op]()
+
+
+def _task_history(script: list[tuple[str, int, float]]) -> list[EventRecord]:
+    from pantheon_es import tasks as t
+    from pantheon_es.domain import DecideContext
+    from pantheon_es.errors import PantheonError
+
+    now = T0
+    submit = t.SubmitTask(name="t", executor={"kind": "shell", "argv": ["true"]},
+                          retry={"max_attempts": 3, "initial_interval": 1.0})  # fmt: skip
+    commands: list[Any] = [submit]
+    state: Any = None
+    records: list[EventRecord] = []
+    leases: list[tuple[str, int]] = []
+    for i in range(len(script) + 1):
+        if i:
+            op, pick, dt = script[i - 1]
+            now += timedelta(seconds=dt)
+            lease = leases[pick % len(leases) if pick >= 0 else -1] if leases else ("L0", 1)
+            commands = [_task_command(op, lease, len(leases))]
+        try:
+            decision = t.decide(state, commands[0], DecideContext("default", TASK, now))
+        except PantheonError:
+            continue  # refused: nothing appended
+        for data in decision.events:
+            event = _event(data, now)
+            records.append(decode_record(encode(event), len(records) + 1))
+            state = t.evolve(state, event)
+            if isinstance(data, t.LeaseGranted):
+                leases.append((data.lease_id, data.fencing_token))
+    return records
+
+
+@settings(max_examples=150, deadline=None)
+@given(task_scripts)
+def test_histories_the_task_domain_accepts_break_no_invariant(
+    script: list[tuple[str, int, float]],
+) -> None:
+    records = _task_history(script)
+    checker = InvariantChecker()
+    checker.feed(records)
+    assert checker.violations == [], [r.type for r in records]
+
+
+@settings(max_examples=100, deadline=None)
+@given(task_scripts)
+def test_a_report_forged_under_an_ended_lease_is_caught(
+    script: list[tuple[str, int, float]],
+) -> None:
+    records = _task_history(script)
+    ends = {"LeaseExpired", "LeaseReleased", "RetryScheduled", *TERMINAL_EVENTS}
+    ended = [r.data["lease_id"] for r in records if r.type in ends and r.data.get("lease_id")]
+    assume(ended)
+    last = records[-1]
+    forged = last._replace(seq=last.seq + 1, event_id="forged", type="TaskProgressed",
+                           data={"lease_id": ended[0]})  # fmt: skip
+    checker = InvariantChecker()
+    checker.feed([*records, forged])
+    assert [(v.invariant, v.seq) for v in checker.violations] == [("stale_report", forged.seq)]

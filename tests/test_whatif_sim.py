@@ -1,0 +1,332 @@
+"""The what-if simulator, pure: the log folded into a workload, and the workload run through
+the placement policy in simulated time (no server)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pantheon_es.events import EventRecord
+from pantheon_es.placement import Policy
+from tools.whatif import (
+    Attempt,
+    PolicyFile,
+    PolicyFileError,
+    TaskRecord,
+    WorkerChange,
+    Workload,
+    WorkloadBuilder,
+    compare,
+    load_policy,
+    measure,
+    parse_policy,
+    percentile,
+    recorded,
+    simulate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = 1_800_000_000.0  # an epoch second: the log's times are ISO strings from it
+
+
+def iso(t: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(T0 + t, UTC).isoformat()
+
+
+_seq = itertools.count(1)
+
+
+def rec(t: float, type_: str, agg_id: str, data: dict[str, Any], *, tenant: str = "a",
+        aggregate: str = "task") -> EventRecord:  # fmt: skip
+    seq = next(_seq)
+    return EventRecord(seq, f"e{seq}", type_, 1, tenant, aggregate, agg_id, iso(t), "test",
+                       "c", None, data)  # fmt: skip
+
+
+def submitted(t: float, task: str, priority: int = 200, cpu: float = 1.0, **kw: Any) -> EventRecord:
+    data = {"name": task.rstrip("0123456789"), "priority": priority,
+            "resources": {"cpu": cpu, "memory_mb": 0, "gpu": 0, "custom": {}},
+            "executor": {"kind": "python"}, "labels": {}, **kw}  # fmt: skip
+    return rec(t, "TaskSubmitted", task, data)
+
+
+def granted(t: float, task: str, worker: str = "w") -> EventRecord:
+    return rec(t, "LeaseGranted", task, {"lease_id": f"l{t}", "worker_id": worker})
+
+
+def registered(t: float, worker: str, cpu: float = 4.0, slots: int = 4, inc: str = "i1",
+               tenants: list[str] | None = None) -> EventRecord:  # fmt: skip
+    data = {"incarnation": inc, "capacity": {"cpu": cpu, "memory_mb": 1024, "gpu": 0,
+            "custom": {}}, "slots": slots, "tenants": tenants or []}  # fmt: skip
+    return rec(t, "WorkerRegistered", worker, data, aggregate="worker")
+
+
+def fold(records: list[EventRecord]) -> Workload:
+    b = WorkloadBuilder()
+    for r in records:
+        b.add(r)
+    return b.finish()
+
+
+# -- the log folded ------------------------------------------------------------------------------
+
+
+def test_builder_records_attempts_retry_gaps_waits_and_what_never_ran() -> None:
+    w = fold([
+        registered(0, "w", cpu=2, slots=2),
+        submitted(1, "job1"),
+        granted(3, "job1"),
+        rec(5, "RetryScheduled", "job1", {"not_before": iso(9), "attempt": 1}),
+        granted(9.5, "job1"),
+        rec(12.5, "TaskCompleted", "job1", {}),
+        submitted(2, "job2"),
+        rec(4, "TaskCancelled", "job2", {"previous_status": "pending"}),
+        submitted(6, "job3"),
+        granted(6, "job3"),
+        rec(7, "LeaseExpired", "job3", {}),
+        granted(8, "job3"),
+        submitted(13, "late1"),
+        rec(20, "WorkerStopped", "w", {"incarnation": "i1"}, aggregate="worker"),
+    ])  # fmt: skip
+    j1, j2, j3, late = (w.tasks[("a", k)] for k in ("job1", "job2", "job3", "late1"))
+    assert [(a.start, a.duration, a.gap) for a in j1.attempts] == [(3.0, 2.0, 4.0), (9.5, 3.0, 0.0)]
+    assert j1.outcome == "completed" and j1.first_grant == 3.0 and not j1.estimated
+    # cancelled while pending: withdrawn, with an estimated run should a policy start it
+    assert j2.withdrawn == 4.0 and j2.estimated and j2.first_grant is None
+    # the job3 attempt that lost its lease, then one still running at the cut-off (t=20)
+    assert [(a.duration, a.censored) for a in j3.attempts] == [(1.0, False), (12.0, True)]
+    # never ran: the median observed duration of its name ("late"), else of every attempt
+    assert late.estimated and late.attempts[0].duration == 2.0  # median of 2, 3 and 1
+    assert j2.attempts[0].duration == 2.0
+    assert [(c.kind, c.at) for c in w.workers] == [("join", 0.0), ("leave", 20.0)]
+    assert w.workers[0].tenants == ("a",)
+    waits = recorded(w)
+    assert waits.first_start == {("a", "job1"): 3.0, ("a", "job3"): 6.0}
+
+
+def test_a_stale_incarnation_does_not_end_the_new_one() -> None:
+    w = fold([
+        registered(0, "w", inc="one"),
+        registered(1, "w", inc="two"),
+        rec(2, "WorkerLost", "w", {"incarnation": "one"}, aggregate="worker"),
+    ])  # fmt: skip
+    assert [c.kind for c in w.workers] == ["join", "join"]
+
+
+# -- the simulation -------------------------------------------------------------------------------
+
+
+def task(name: str, at: float, *durations: float, priority: int = 200, cpu: float = 1.0,
+         tenant: str = "a", gaps: tuple[float, ...] = (), **kw: Any) -> TaskRecord:  # fmt: skip
+    attempts = [Attempt(None, d, gap=gaps[i] if i < len(gaps) else 0.0)
+                for i, d in enumerate(durations)]  # fmt: skip
+    return TaskRecord((tenant, name), name, priority, {"cpu": cpu}, False, at,
+                      attempts=attempts, **kw)  # fmt: skip
+
+
+def join(at: float, name: str, cpu: float = 4.0, slots: int = 4, inc: str = "1") -> WorkerChange:
+    return WorkerChange(at, "join", ("a", name), {"cpu": cpu}, slots, ("*",), inc)
+
+
+def workload(tasks: list[TaskRecord], workers: list[WorkerChange]) -> Workload:
+    return Workload(None, 0.0, 0, 0, {t.key: t for t in tasks}, workers)
+
+
+def test_fifo_runs_in_arrival_order_and_priority_lets_urgent_work_overtake() -> None:
+    tasks = [task(f"low{i}", i * 0.01, 1.0, priority=100) for i in range(6)]
+    tasks += [task("urgent0", 0.5, 1.0, priority=400)]
+    w = workload(tasks, [join(0, "w", cpu=1, slots=1)])
+    fifo = simulate(w, Policy(fifo=True))
+    prio = simulate(w, Policy())
+    u = ("a", "urgent0")
+    assert fifo.first_start[u] == 6.0  # after all six low ones
+    assert prio.first_start[u] == 1.0  # at the first free slot
+    rep = measure(w, prio)
+    assert rep["wait"]["by_priority"]["urgent"]["max"] == 0.5
+    assert rep["makespan"] == fifo.end == prio.end == 7.0
+    assert rep["utilisation"]["cpu"] == 1.0
+
+
+def test_retries_wait_their_recorded_gap_and_dependents_wait_for_their_dependency() -> None:
+    a = task("a", 0, 2.0, 1.0, gaps=(5.0,))
+    b = task("b", 0, 1.0, depends_on=("a",))
+    skipped = task("s", 0, depends_on=("a",), outcome="skipped")
+    w = workload([a, b, skipped], [join(0, "w")])
+    out = simulate(w, Policy())
+    runs = sorted((r.key[1], r.attempt, r.start, r.end) for r in out.runs)
+    assert runs == [("a", 0, 0.0, 2.0), ("a", 1, 7.0, 8.0), ("b", 0, 8.0, 9.0)]
+    assert out.ready[("a", "b")] == 8.0 and ("a", "s") not in out.first_start
+    assert measure(w, out)["not_started"] == 0  # the skipped task is not "never started"
+
+
+def test_a_worker_that_leaves_loses_its_attempt_which_runs_again_in_full() -> None:
+    w = workload(
+        [task("j", 0, 10.0)],
+        [join(0, "w1", slots=1), WorkerChange(4, "leave", ("a", "w1")), join(6, "w2")],
+    )
+    out = simulate(w, Policy())
+    assert [(r.worker[1], r.start, r.end) for r in out.runs] == [("w1", 0, 4), ("w2", 6, 16)]
+
+
+def test_a_task_cancelled_while_pending_is_withdrawn_unless_the_policy_started_it() -> None:
+    hog = task("hog", 0, 10.0)
+    cancelled = task("c", 1, 3.0, withdrawn=5.0, outcome="cancelled")
+    w = workload([hog, cancelled], [join(0, "w", slots=1)])
+    assert ("a", "c") not in simulate(w, Policy()).first_start
+    w2 = workload([hog, cancelled], [join(0, "w", slots=2)])
+    assert simulate(w2, Policy()).first_start[("a", "c")] == 1
+
+
+def test_no_worker_means_nothing_starts_and_the_report_still_stands() -> None:
+    w = workload([task("j", 0, 1.0)], [])
+    report = compare(w, PolicyFile())
+    assert report["simulated"]["not_started"] == 1 and report["simulated"]["started"] == 0
+    assert report["simulated"]["wait"]["all"]["p50"] is None
+    empty = compare(workload([], []), PolicyFile(mode="fifo"))
+    assert empty["simulated"]["makespan"] == 0 and empty["tasks"]["total"] == 0
+
+
+def test_nearest_rank_percentiles() -> None:
+    values = [float(i) for i in range(1, 101)]
+    assert [percentile(values, q) for q in (50, 90, 99, 100)] == [50.0, 90.0, 99.0, 100.0]
+    assert percentile([3.0], 99) == 3.0
+
+
+# -- properties ------------------------------------------------------------------------------------
+
+sim_task = st.tuples(
+    st.integers(0, 100).map(float),  # arrival
+    st.sampled_from([100, 200, 300, 400]),
+    st.sampled_from([0.5, 1.0, 2.0]),  # cpu
+    st.lists(st.sampled_from([1.0, 3.0, 7.0]), min_size=1, max_size=3),  # attempt durations
+    st.sampled_from(["a", "b"]),
+)
+sim_worker = st.tuples(
+    st.integers(0, 50).map(float),  # join
+    st.sampled_from([2.0, 4.0]),
+    st.integers(1, 3),
+    st.one_of(st.none(), st.integers(1, 80).map(float)),  # stays for
+)
+
+
+def build(tasks: list[Any], workers: list[Any], uniform: bool = False) -> Workload:
+    trs = [task(f"t{i}", at, *durs, priority=prio, cpu=1.0 if uniform else cpu, tenant=tenant,
+                gaps=(2.0,) * len(durs))
+           for i, (at, prio, cpu, durs, tenant) in enumerate(tasks)]  # fmt: skip
+    changes = []
+    for i, (at, cpu, slots, stay) in enumerate(workers):
+        changes.append(join(at, f"w{i}", cpu=cpu, slots=slots))
+        if stay is not None and not uniform:
+            changes.append(WorkerChange(at + stay, "leave", ("a", f"w{i}")))
+    changes.append(join(60, "big", cpu=8, slots=4))  # everything can end
+    return workload(trs, changes)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    tasks=st.lists(sim_task, min_size=1, max_size=40),
+    workers=st.lists(sim_worker, max_size=4),
+    fifo=st.booleans(),
+)
+def test_simulation_never_overcommits_and_runs_every_attempt_in_order(
+    tasks: list[Any], workers: list[Any], fifo: bool
+) -> None:
+    w = build(tasks, workers)
+    out = simulate(w, Policy(fifo=fifo, tenant_weights={"a": 2.0}))
+    caps = {c.key: (float(c.capacity["cpu"]), c.slots) for c in w.workers if c.capacity}
+    for worker, (cpu, slots) in caps.items():
+        runs = [r for r in out.runs if r.worker == worker]
+        for r in runs:  # at every start, what runs there fits the worker
+            live = [x for x in runs if x.start <= r.start < x.end]
+            need = sum(float(w.tasks[x.key].resources["cpu"]) for x in live)
+            assert len(live) <= slots and need <= cpu + 1e-9, (worker, live)
+    for key, t in w.tasks.items():
+        mine = sorted((r for r in out.runs if r.key == key), key=lambda r: r.start)
+        done = [r for r in mine if r.end - r.start >= t.attempts[r.attempt].duration - 1e-9]
+        assert [r.attempt for r in done] == list(range(len(t.attempts)))  # each once, in order
+        for prev, nxt in itertools.pairwise(done):
+            assert nxt.start >= prev.end + t.attempts[prev.attempt].gap - 1e-9
+        assert out.first_start[key] >= t.submitted
+
+
+@settings(max_examples=120, deadline=None)
+@given(tasks=st.lists(sim_task, min_size=2, max_size=40), workers=st.lists(sim_worker, max_size=3))
+def test_fifo_starts_every_task_in_arrival_order(tasks: list[Any], workers: list[Any]) -> None:
+    tasks = [(at, prio, cpu, durs[:1], tenant) for at, prio, cpu, durs, tenant in tasks]
+    w = build(tasks, workers, uniform=True)  # one request size, workers that stay
+    out = simulate(w, Policy(fifo=True))
+    order = sorted(w.tasks.values(), key=lambda t: (t.submitted, t.key[1][1:].zfill(4)))
+    starts = [out.first_start[t.key] for t in order]
+    assert starts == sorted(starts)
+
+
+busy_task = st.tuples(  # a backlog that outlasts the aging bound
+    st.integers(0, 150).map(float),
+    st.sampled_from([100, 200, 300, 400]),
+    st.just(1.0),
+    st.lists(st.sampled_from([5.0, 10.0, 20.0]), min_size=1, max_size=1),
+    st.sampled_from(["a", "b"]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tasks=st.lists(busy_task, min_size=2, max_size=60),
+    workers=st.lists(sim_worker, max_size=2),
+    aging=st.sampled_from([5.0, 10.0, 20.0]),
+)
+def test_with_aging_no_task_is_overtaken_by_one_ready_later_than_the_bound(
+    tasks: list[Any], workers: list[Any], aging: float
+) -> None:
+    tasks = [(at, prio, cpu, durs[:1], tenant) for at, prio, cpu, durs, tenant in tasks]
+    w = build(tasks, workers, uniform=True)
+    policy = Policy(aging_per_s=aging, tenant_weights={"a": 3.0})
+    out = simulate(w, policy)
+    highest = max(t.priority for t in w.tasks.values())
+    for j, k in itertools.permutations(w.tasks.values(), 2):
+        bound = policy.overtake_bound(j.priority, highest)
+        if out.ready[k.key] > out.ready[j.key] + bound + 1e-6:
+            assert out.first_start[k.key] >= out.first_start[j.key], (j, k, bound)
+
+
+# -- the policy file -------------------------------------------------------------------------------
+
+
+def test_example_policy_files_load() -> None:
+    fifo = load_policy(ROOT / "examples" / "whatif-fifo.yaml")
+    assert fifo.to_policy().fifo and fifo.label() == "fifo"
+    aging = load_policy(ROOT / "examples" / "whatif-aging.yaml").to_policy()
+    assert not aging.fifo and aging.aging_per_s == 2.0 and aging.concurrency_limits == {"db": 4}
+
+
+@pytest.mark.parametrize(
+    ("doc", "named"),
+    [
+        ({"mode": "lifo"}, "mode"),
+        ({"aging": 1}, "aging"),
+        ({"aging_per_s": 0}, "aging_per_s"),
+        ({"tenant_weights": {"x": -1}}, "tenant_weights.x"),
+        ({"tenant_max_running": {"x": 0}}, "tenant_max_running.x"),
+        ([1, 2], "mapping"),
+    ],
+)
+def test_a_bad_policy_names_the_field(doc: Any, named: str) -> None:
+    with pytest.raises(PolicyFileError, match=named.replace(".", r"\.")):
+        parse_policy(doc)
+
+
+def test_policy_file_json_and_unreadable(tmp_path: Path) -> None:
+    good = tmp_path / "p.json"
+    good.write_text('{"mode": "fifo", "max_running_per_tenant": 3}')
+    assert load_policy(good).to_policy().default_quota.max_running == 3
+    bad = tmp_path / "p.yaml"
+    bad.write_text("mode: [")
+    with pytest.raises(PolicyFileError, match="not valid"):
+        load_policy(bad)

@@ -1,0 +1,217 @@
+"""`pantheon replay`: every read model rebuilt from the log into a new SQLite file.
+
+"The state of the system at time T" is such a file: the read models after
+every event the stream stored at or before T (or up to a stream sequence).
+The replay reads the log through :class:`projections.projector.Projector`
+(``kv=False``: no KV bucket, no live database) and writes into a temporary
+file beside ``--out`` that is renamed over it only once complete, so a
+failed or interrupted replay leaves nothing behind. The live log, database
+and KV bucket are only read. Choices are recorded in docs/decisions.md and
+explained for users in docs/operations.md ("Replay and verify").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from pantheon_es.errors import (
+    ConflictError,
+    InternalError,
+    InvalidError,
+    NotFoundError,
+    UnavailableError,
+)
+from pantheon_es.events import EventRecord
+from pantheon_es.store import EventStore
+from projections.projector import Projector
+from tools.events import seq_at
+
+#: progress(position, target) as the projector calls it
+Progress = Callable[[int, int], None]
+Sink = Callable[[list[EventRecord]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySummary:
+    """What a replay built (``--json`` prints it)."""
+
+    out: str
+    last_seq: int
+    events: int
+    seconds: float
+    until_seq: int | None = None
+    until: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": self.out,
+            "last_seq": self.last_seq,
+            "events": self.events,
+            "seconds": round(self.seconds, 3),
+            "until_seq": self.until_seq,
+            "until": self.until,
+        }
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time as an aware UTC datetime; a time without an offset is UTC.
+
+    Raises:
+        ValueError: ``text`` is not an ISO 8601 date or time.
+    """
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-24T09:30:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
+
+
+async def head_seq(store: EventStore) -> int:
+    """The stream's last sequence; a typed error when there is no stream."""
+    try:
+        return await store.last_seq()
+    except nats.js.errors.NotFoundError:
+        raise NotFoundError(
+            f"no event stream {store.stream} on this server (wrong --namespace or --nats-url?)"
+        ) from None
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise UnavailableError(f"JetStream did not answer: {exc!r}") from exc
+
+
+async def seq_at_time(store: EventStore, when: datetime) -> int:
+    """The last stream sequence stored at or before ``when``, to the microsecond (0 if none).
+
+    "At or before" is "before ``when`` plus one microsecond": the stream's stored
+    time (the server's clock when it stored the message) has nanoseconds, a
+    TIME has microseconds. The stored time grows with the sequence, unlike
+    ``occurred_at``, which comes from the clocks of several service replicas.
+    """
+    head = await head_seq(store)
+    after = await seq_at(store, store.subjects.all_events, when + timedelta(microseconds=1))
+    return head if after is None else min(head, after - 1)
+
+
+def remove_database(path: Path) -> None:
+    """Delete an SQLite file and its WAL companions, if present."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+
+
+async def build_read_models(
+    store: EventStore,
+    path: Path,
+    until_seq: int,
+    *,
+    skip_unknown: bool = False,
+    progress: Progress | None = None,
+    sinks: Sequence[Sink] = (),
+) -> int:
+    """Fold the log from sequence 1 to ``until_seq`` into a fresh database at ``path``.
+
+    ``sinks`` see every decoded batch, in order (the verifier's invariant fold).
+    Returns the last sequence applied.
+    """
+    remove_database(path)
+    projector = Projector(store, path, kv=False, skip_unknown=skip_unknown)
+    projector.sinks.extend(sinks)
+    await projector.open()
+    try:
+        return await projector.catch_up(until_seq, progress=progress)
+    except TimeoutError as exc:
+        raise UnavailableError(f"the log stopped delivering: {exc}") from exc
+    except ValueError as exc:  # an event that is not JSON or lacks envelope fields
+        raise InternalError(str(exc)) from exc
+    finally:
+        await projector.shutdown()
+
+
+def _install(partial: Path, out: Path) -> None:
+    """Make the finished file the database at ``out`` in one rename."""
+    db = sqlite3.connect(partial)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")  # fold the WAL in: the file alone is the DB
+    finally:
+        db.close()
+    for suffix in ("-wal", "-shm", "-journal"):  # an overwritten database's, never ours
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{out}{suffix}").unlink()
+    os.replace(partial, out)
+
+
+async def replay(
+    store: EventStore,
+    out: Path | str,
+    *,
+    until_seq: int | None = None,
+    until: datetime | None = None,
+    skip_unknown: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ReplaySummary:
+    """Rebuild every read model into ``out`` from the log, up to a sequence or a time.
+
+    Raises:
+        InvalidError: both ``until_seq`` and ``until``, or ``until_seq`` past the log's end.
+        ConflictError: ``out`` exists and ``force`` is not set.
+        InvalidError: ``out`` cannot be written (permissions, disk full).
+        UnknownEventTypeError: an event type this build does not know (naming its
+            sequence), unless ``skip_unknown``.
+    """
+    out = Path(out)
+    if until_seq is not None and until is not None:
+        raise InvalidError("give --until-seq or --until, not both")
+    if out.exists() and not force:
+        raise ConflictError(
+            f"{out} exists; pass --force to overwrite it", details={"out": str(out)}
+        )
+    started = time.perf_counter()
+    head = await head_seq(store)
+    if until is not None:
+        target = await seq_at_time(store, until)
+    elif until_seq is not None:
+        if until_seq > head:
+            raise InvalidError(
+                f"--until-seq {until_seq} is past the end of the log (last sequence {head})",
+                details={"until_seq": until_seq, "last_seq": head},
+            )
+        target = until_seq
+    else:
+        target = head
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    counted = [0]
+
+    def count(events: list[EventRecord]) -> None:
+        counted[0] += len(events)
+
+    try:
+        last = await build_read_models(
+            store, partial, target, skip_unknown=skip_unknown, progress=progress, sinks=[count]
+        )
+        _install(partial, out)
+    except BaseException as exc:
+        remove_database(partial)
+        if isinstance(exc, OSError | sqlite3.Error):
+            raise InvalidError(f"cannot write {out}: {exc}", details={"out": str(out)}) from exc
+        raise
+    return ReplaySummary(
+        out=str(out),
+        last_seq=last,
+        events=counted[0],
+        seconds=time.perf_counter() - started,
+        until_seq=until_seq,
+        until=until.isoformat().replace("+00:00", "Z") if until is not None else None,
+    )

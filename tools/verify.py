@@ -1,0 +1,328 @@
+"""`pantheon verify`: the live read models against a rebuild, and the history's invariants.
+
+1. The live read-model database is copied with SQLite's online backup in one
+   read transaction (its checkpoint and rows agree), the log is folded into a
+   temporary database up to that checkpoint, and the two are compared table
+   by table, streaming both in key order: a checksum per table and, where
+   they differ, every differing row named by its key (``missing``: in the
+   rebuild, not live; ``extra``: live only; ``changed``: the columns that
+   differ).
+2. The same read of the log, continued to its last sequence, goes through
+   :class:`tools.invariants.InvariantChecker`, which names every event that
+   breaks an invariant.
+
+Nothing is written anywhere but a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pantheon_es.errors import (
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    UnavailableError,
+    UnknownEventTypeError,
+)
+from pantheon_es.events import EventRecord, decode_record
+from pantheon_es.store import EventStore
+from projections.base import Table
+from projections.projector import default_models, schema_digest
+from tools.invariants import INVARIANTS, InvariantChecker, Violation
+from tools.replay import Progress, build_read_models, head_seq
+
+#: The live projector's checkpoint row (projections.projector.Projector's default name).
+CHECKPOINT_NAME = "main"
+
+Rows = list[tuple[Any, ...]]
+
+
+@dataclass(slots=True)
+class TableDiff:
+    """One read-model table, live against rebuilt."""
+
+    table: str
+    live_rows: int
+    rebuilt_rows: int
+    live_checksum: str
+    rebuilt_checksum: str
+    key: tuple[str, ...]
+    missing: list[list[Any]] = field(default_factory=list)  # keys in the rebuild only
+    extra: list[list[Any]] = field(default_factory=list)  # keys in the live table only
+    changed: list[dict[str, Any]] = field(default_factory=list)  # key + {column: [live, rebuilt]}
+
+    @property
+    def equal(self) -> bool:
+        return self.live_checksum == self.rebuilt_checksum
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "equal": self.equal,
+            "key": list(self.key),
+            "live_rows": self.live_rows,
+            "rebuilt_rows": self.rebuilt_rows,
+            "live_checksum": self.live_checksum,
+            "rebuilt_checksum": self.rebuilt_checksum,
+            "missing": self.missing,
+            "extra": self.extra,
+            "changed": self.changed,
+        }
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """Everything verify found."""
+
+    db: str
+    checkpoint: int
+    last_seq: int
+    events: int
+    seconds: float
+    tables: list[TableDiff]
+    violations: list[Violation]
+    counts: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and all(t.equal for t in self.tables)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "db": self.db,
+            "checkpoint": self.checkpoint,
+            "last_seq": self.last_seq,
+            "events": self.events,
+            "seconds": round(self.seconds, 3),
+            "tables": [t.to_dict() for t in self.tables],
+            "invariants": [
+                {"name": name, "description": text, "violations": self.counts.get(name, 0)}
+                for name, text in INVARIANTS.items()
+            ],
+            "violations": [v.to_dict() for v in self.violations],
+        }
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise NotFoundError(f"no read-model database at {path} (see --db)")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def _checkpoint(db: sqlite3.Connection, path: Path, tables: list[Table]) -> int:
+    """The database's checkpoint, once its read-model schema is known to be this build's."""
+    try:
+        row = db.execute(
+            "SELECT last_seq FROM projector_checkpoint WHERE name = ?", (CHECKPOINT_NAME,)
+        ).fetchone()
+        digest = db.execute(
+            "SELECT digest FROM projector_schema WHERE name = ?", (CHECKPOINT_NAME,)
+        ).fetchone()
+    except sqlite3.OperationalError as exc:
+        raise NotFoundError(f"{path} is not a read-model database ({exc})") from None
+    if digest is not None and digest[0] != schema_digest(tables):
+        raise ConflictError(
+            f"{path} holds read models of another schema than this build's; "
+            "restart its projector (it rebuilds them) and verify again"
+        )
+    return int(row[0]) if row else 0
+
+
+def _rows(db: sqlite3.Connection, table: Table) -> Iterator[tuple[Any, ...]]:
+    cols, order = ", ".join(table.columns), ", ".join(table.key)
+    return (tuple(r) for r in db.execute(f"SELECT {cols} FROM {table.name} ORDER BY {order}"))
+
+
+def read_tables(db_path: Path | str, tables: list[Table]) -> tuple[int, dict[str, Rows]]:
+    """(checkpoint, rows of every table in key order), read in one transaction.
+
+    Raises:
+        NotFoundError: no read-model database at ``db_path``.
+        ConflictError: its tables were made by a build with other read-model schemas.
+    """
+    path = Path(db_path)
+    db = _open_read_only(path)
+    try:
+        db.execute("BEGIN")  # one snapshot while the live projector goes on writing
+        checkpoint = _checkpoint(db, path, tables)
+        rows = {table.name: list(_rows(db, table)) for table in tables}
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return checkpoint, rows
+
+
+def snapshot(db_path: Path | str, dest: Path, tables: list[Table]) -> int:
+    """Copy the live database as it is at one moment to ``dest``; returns its checkpoint.
+
+    SQLite's online backup in one step holds a single read transaction, so
+    the copy is consistent while the live projector goes on writing, and the
+    comparison then streams both files without holding the live one open.
+    """
+    path = Path(db_path)
+    src = _open_read_only(path)
+    dst = sqlite3.connect(dest, isolation_level=None)
+    try:
+        src.backup(dst)
+        return _checkpoint(dst, path, tables)
+    finally:
+        dst.close()
+        src.close()
+
+
+def compare_table(
+    table: Table, live: Iterable[tuple[Any, ...]], rebuilt: Iterable[tuple[Any, ...]]
+) -> TableDiff:
+    """Checksums of both, and every differing row named by its key.
+
+    Both sides come in key order (``ORDER BY`` the key, which for text is the
+    code-point order Python compares by); they are merged in one pass, so only
+    the differences are held in memory.
+    """
+    positions = [table.columns.index(k) for k in table.key]
+    hashes = {"live": hashlib.sha256(), "rebuilt": hashlib.sha256()}
+    counts = {"live": 0, "rebuilt": 0}
+    missing: list[list[Any]] = []
+    extra: list[list[Any]] = []
+    changed: list[dict[str, Any]] = []
+    sides = {"live": iter(live), "rebuilt": iter(rebuilt)}
+
+    def take(side: str) -> tuple[Any, ...] | None:
+        row = next(sides[side], None)
+        if row is not None:
+            hashes[side].update(orjson.dumps(row) + b"\n")
+            counts[side] += 1
+        return row
+
+    lv, rv = take("live"), take("rebuilt")
+    while lv is not None or rv is not None:
+        lk = tuple(lv[i] for i in positions) if lv is not None else None
+        rk = tuple(rv[i] for i in positions) if rv is not None else None
+        if rk is None or (lk is not None and lk < rk):
+            extra.append(list(lk or ()))
+            lv = take("live")
+        elif lk is None or rk < lk:
+            missing.append(list(rk))
+            rv = take("rebuilt")
+        else:
+            if lv != rv:
+                assert lv is not None and rv is not None
+                columns = {c: [a, b] for c, a, b in zip(table.columns, lv, rv, strict=True)
+                           if a != b}  # fmt: skip
+                changed.append({"key": list(lk), "columns": columns})
+            lv, rv = take("live"), take("rebuilt")
+    return TableDiff(
+        table.name, counts["live"], counts["rebuilt"], hashes["live"].hexdigest(),
+        hashes["rebuilt"].hexdigest(), table.key, missing, extra, changed,
+    )  # fmt: skip
+
+
+def compare_databases(live: Path, rebuilt: Path, tables: list[Table]) -> list[TableDiff]:
+    """Every table of two read-model databases, compared."""
+    a, b = _open_read_only(live), _open_read_only(rebuilt)
+    try:
+        return [compare_table(t, _rows(a, t), _rows(b, t)) for t in tables]
+    finally:
+        a.close()
+        b.close()
+
+
+async def check_log(
+    store: EventStore,
+    checker: InvariantChecker,
+    from_seq: int,
+    to_seq: int,
+    *,
+    skip_unknown: bool = False,
+    progress: Progress | None = None,
+) -> None:
+    """Feed the checker the events ``from_seq..to_seq`` (the part no rebuild read)."""
+    if from_seq > to_seq:
+        return
+    async with store.feed(from_seq=from_seq) as feed:
+        position = from_seq - 1
+        while position < to_seq:
+            batch = await feed.next_batch(2000, timeout=10)
+            if not batch:
+                raise UnavailableError(f"the log stopped delivering after {position}")
+            records: list[EventRecord] = []
+            for raw in batch:
+                if raw.seq <= position or raw.seq > to_seq:
+                    continue
+                try:
+                    records.append(decode_record(raw.data, raw.seq))
+                except UnknownEventTypeError:
+                    if not skip_unknown:
+                        raise
+                except ValueError as exc:
+                    raise InternalError(str(exc)) from exc
+            checker.feed(records)
+            position = max(position, batch[-1].seq)
+            if progress is not None:
+                progress(min(position, to_seq), to_seq)
+
+
+async def verify(
+    store: EventStore,
+    db_path: Path | str,
+    *,
+    skip_unknown: bool = False,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Compare the live read models with a rebuild and check the whole history.
+
+    Raises:
+        NotFoundError: no read-model database at ``db_path``, or no event stream.
+        ConflictError: the database is ahead of the log (another deployment's?).
+        UnknownEventTypeError: an unknown event type, unless ``skip_unknown``.
+    """
+    started = time.perf_counter()
+    tables = [t for m in default_models() for t in m.tables]
+    checker = InvariantChecker()
+    with tempfile.TemporaryDirectory(prefix="pantheon-verify-") as tmp:
+        live = Path(tmp) / "live.db"
+        checkpoint = await asyncio.to_thread(snapshot, db_path, live, tables)
+        head = await head_seq(store)
+        if checkpoint > head:
+            raise ConflictError(
+                f"{db_path} stands at sequence {checkpoint}, past the log's end {head}: "
+                "is it another deployment's database (--namespace, --nats-url)?"
+            )
+
+        def whole_log(position: int, _target: int) -> None:
+            if progress is not None:
+                progress(position, head)
+
+        rebuilt = Path(tmp) / "rebuilt.db"
+        await build_read_models(
+            store, rebuilt, checkpoint, skip_unknown=skip_unknown, progress=whole_log,
+            sinks=[checker.feed],
+        )  # fmt: skip
+        diffs = await asyncio.to_thread(compare_databases, live, rebuilt, tables)
+    await check_log(
+        store, checker, checkpoint + 1, head, skip_unknown=skip_unknown, progress=whole_log
+    )
+    return VerifyReport(
+        db=str(db_path),
+        checkpoint=checkpoint,
+        last_seq=head,
+        events=checker.events,
+        seconds=time.perf_counter() - started,
+        tables=diffs,
+        violations=checker.violations,
+        counts=checker.counts(),
+    )

@@ -1,0 +1,779 @@
+"""What if the recorded workload had met another scheduling policy? (``pantheon whatif``)
+
+Three steps, each usable alone:
+
+1. :func:`read_workload` streams the log (read-only: an ordered consumer, no publish) and
+   :class:`WorkloadBuilder` folds it into a :class:`Workload`: every task's arrival, request
+   and scheduling options, its attempts as recorded (lease granted -> attempt ended) and the
+   gaps between them (retry delays), its recorded wait; every worker's capacity over time.
+2. :class:`Simulator` replays the arrivals in simulated time through
+   :class:`pantheon_es.placement.Placement`, the very policy the live scheduler runs, with the
+   policy of a :class:`PolicyFile`.
+3. :func:`compare` puts the recorded and the simulated runs side by side: wait percentiles per
+   priority band and per tenant, utilisation per resource and makespan.
+
+What is modelled and what is not: docs/whatif.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pantheon_es.errors import InternalError, InvalidError, UnavailableError
+from pantheon_es.events import EventRecord, decode_record
+from pantheon_es.placement import Amount, Job, Key, Placement, Policy, Quota
+from pantheon_es.specs import PRIORITY_LEVELS
+from pantheon_es.store import EventStore
+from pantheon_es.workflow_file import read_document
+
+# -- the policy file -----------------------------------------------------------------------------
+
+
+class PolicyFileError(ValueError):
+    """A policy file that cannot be read or does not validate (the CLI exits 2)."""
+
+
+Weight = Annotated[float, Field(gt=0)]
+Limit = Annotated[int, Field(ge=1)]
+
+
+class PolicyFile(BaseModel):
+    """The scheduling policy to simulate (a YAML or JSON file; examples/whatif-*.yaml).
+
+    Every field is optional; the defaults are those of ``pantheon up``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str | None = Field(None, description="A label for the report.")
+    mode: Literal["priority", "fifo"] = Field(
+        "priority",
+        description="priority: priority bands with aging and fair share (the live policy); "
+        "fifo: plain arrival order (no priorities, aging or fair share).",
+    )
+    aging_per_s: float = Field(1.0, gt=0, description="Priority points gained per second ready.")
+    band: int = Field(100, gt=0, description="Width of a priority band, in points.")
+    tenant_weights: dict[str, Weight] = Field(
+        default_factory=dict, description="Fair-share weight per tenant (default 1)."
+    )
+    fairness_weights: dict[str, Weight] = Field(
+        default_factory=dict, description="Fair-share weight per fairness key (default 1)."
+    )
+    max_running_agents: int | None = Field(None, ge=1, description="Global limit on agents.")
+    concurrency_limits: dict[str, Limit] = Field(
+        default_factory=dict, description="Running limit per concurrency key."
+    )
+    max_running_per_tenant: int | None = Field(
+        None, ge=1, description="Running limit of every tenant without its own."
+    )
+    tenant_max_running: dict[str, Limit] = Field(
+        default_factory=dict, description="Running limit per tenant."
+    )
+    backfill_window: int = Field(256, ge=1)
+    max_reservations: int = Field(1, ge=0)
+
+    def to_policy(self) -> Policy:
+        return Policy(
+            aging_per_s=self.aging_per_s,
+            band=self.band,
+            fifo=self.mode == "fifo",
+            tenant_weights=dict(self.tenant_weights),
+            fairness_weights=dict(self.fairness_weights),
+            max_running_agents=self.max_running_agents,
+            concurrency_limits=dict(self.concurrency_limits),
+            default_quota=Quota(max_running=self.max_running_per_tenant),
+            tenant_quotas={t: Quota(max_running=n) for t, n in self.tenant_max_running.items()},
+            backfill_window=self.backfill_window,
+            max_reservations=self.max_reservations,
+        )
+
+    def label(self) -> str:
+        return self.name or self.mode
+
+
+def parse_policy(doc: Any, source: str = "policy") -> PolicyFile:
+    """Validate a decoded policy document; errors name the field."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise PolicyFileError(f"{source}: expected a mapping of policy fields")
+    try:
+        policy = PolicyFile.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise PolicyFileError(f"{source}: {problems}") from None
+    return policy
+
+
+def load_policy(path: Path) -> PolicyFile:
+    """Read a YAML or JSON (``.json``) policy file."""
+    try:
+        doc = read_document(path)
+    except InvalidError as exc:
+        raise PolicyFileError(exc.message) from None
+    return parse_policy(doc, str(path))
+
+
+# -- the recorded workload -----------------------------------------------------------------------
+
+#: Events that end an attempt (the lease stops holding the worker's capacity).
+_ATTEMPT_ENDS = frozenset(
+    {
+        "TaskCompleted",
+        "TaskFailed",
+        "TaskTimedOut",
+        "TaskCancelled",
+        "RetryScheduled",
+        "LeaseExpired",
+        "LeaseReleased",
+    }
+)
+_TERMINAL = {
+    "TaskCompleted": "completed",
+    "TaskFailed": "failed",
+    "TaskTimedOut": "timed_out",
+    "TaskCancelled": "cancelled",
+    "TaskSkipped": "skipped",
+}
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One recorded attempt: a lease held from ``start`` for ``duration`` seconds."""
+
+    start: float | None  # None: not run in the recording (its duration is an estimate)
+    duration: float
+    worker: Key | None = None
+    #: Seconds from this attempt's end to the task being ready again (retry delay, redrive).
+    gap: float = 0.0
+    censored: bool = False  # still running at the cut-off: duration is a lower bound
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    key: Key
+    name: str
+    priority: int
+    resources: dict[str, Any]
+    agent: bool
+    submitted: float
+    fairness_key: str = ""
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    depends_on: tuple[str, ...] = ()
+    attempts: list[Attempt] = field(default_factory=list)
+    outcome: str = "pending"  # pending, running, or a terminal status
+    ended: float | None = None  # recorded terminal time
+    #: When it left without ever running (cancelled, timed out or skipped while pending).
+    withdrawn: float | None = None
+    estimated: bool = False  # attempts[0].duration is an estimate
+    # -- while folding --
+    open_since: float | None = None
+    open_worker: Key | None = None
+    ended_attempt_at: float | None = None
+
+    @property
+    def first_grant(self) -> float | None:
+        return self.attempts[0].start if self.attempts and not self.estimated else None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerChange:
+    at: float
+    kind: Literal["join", "drain", "leave"]
+    key: Key
+    capacity: Mapping[str, Any] | None = None
+    slots: int = 0
+    tenants: tuple[str, ...] = ()
+    incarnation: str = ""
+
+
+@dataclass
+class Workload:
+    """The arrivals, attempts and worker capacity of a stretch of the log."""
+
+    origin: datetime | None  # time 0 of every float time (the first event's)
+    cutoff: float  # the last event's time
+    last_seq: int
+    events: int
+    tasks: dict[Key, TaskRecord]
+    workers: list[WorkerChange]
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+class WorkloadBuilder:
+    """Folds event records (in log order) into a :class:`Workload`. Pure: no I/O."""
+
+    def __init__(self) -> None:
+        self.origin: datetime | None = None
+        self._t0 = 0.0
+        self.now = 0.0
+        self.last_seq = 0
+        self.events = 0
+        self.tasks: dict[Key, TaskRecord] = {}
+        self.workers: list[WorkerChange] = []
+        self._incarnations: dict[Key, str] = {}
+
+    def add(self, record: EventRecord) -> None:
+        at = _ts(record.occurred_at)
+        if self.origin is None:
+            self.origin = datetime.fromisoformat(record.occurred_at)
+            self._t0 = at
+        t = max(at - self._t0, 0.0)
+        self.now = max(self.now, t)
+        self.last_seq = record.seq
+        self.events += 1
+        if record.aggregate == "task":
+            self._task(record, t)
+        elif record.aggregate == "worker":
+            self._worker(record, t)
+
+    def _task(self, r: EventRecord, t: float) -> None:
+        key = (r.tenant, r.aggregate_id)
+        d = r.data
+        if r.type == "TaskSubmitted":
+            self.tasks[key] = TaskRecord(
+                key=key,
+                name=d.get("name", ""),
+                priority=int(d.get("priority", PRIORITY_LEVELS["medium"])),
+                resources=dict(d.get("resources") or {}),
+                agent=(d.get("executor") or {}).get("kind") == "agent",
+                submitted=t,
+                fairness_key=d.get("fairness_key") or "",
+                concurrency_key=d.get("concurrency_key"),
+                concurrency_limit=d.get("concurrency_limit"),
+                depends_on=tuple(d.get("depends_on") or ()),
+            )
+            return
+        task = self.tasks.get(key)
+        if task is None:  # its submit is before the stretch read: nothing to simulate
+            return
+        if r.type == "LeaseGranted":
+            worker = (d.get("worker_tenant") or r.tenant, d["worker_id"])
+            task.open_since, task.open_worker = t, worker
+            task.outcome = "running"
+            return
+        if r.type in _ATTEMPT_ENDS and task.open_since is not None:
+            task.attempts.append(
+                Attempt(task.open_since, max(t - task.open_since, 0.0), task.open_worker)
+            )
+            task.open_since = task.open_worker = None
+            task.ended_attempt_at = t
+            if r.type == "RetryScheduled":
+                task.attempts[-1].gap = max(_ts(d["not_before"]) - self._t0 - t, 0.0)
+            task.outcome = "pending"
+        if r.type in _TERMINAL:
+            task.outcome = _TERMINAL[r.type]
+            task.ended = t
+            if not task.attempts:
+                task.withdrawn = t
+        elif r.type == "TaskRedriven":
+            task.outcome = "pending"
+            task.ended = task.withdrawn = None
+            if task.attempts:
+                end = task.ended_attempt_at or t
+                task.attempts[-1].gap = max(t - end, 0.0)
+
+    def _worker(self, r: EventRecord, t: float) -> None:
+        key = (r.tenant, r.aggregate_id)
+        d = r.data
+        if r.type == "WorkerRegistered":
+            self._incarnations[key] = d["incarnation"]
+            tenants = (r.tenant, *(d.get("tenants") or ()))
+            change = WorkerChange(
+                t, "join", key, dict(d["capacity"]), int(d["slots"]), tenants, d["incarnation"]
+            )
+            self.workers.append(change)
+        elif self._incarnations.get(key) != d.get("incarnation"):
+            return  # a stale incarnation's event
+        elif r.type == "WorkerDraining":
+            self.workers.append(WorkerChange(t, "drain", key))
+        elif r.type in ("WorkerStopped", "WorkerLost"):
+            del self._incarnations[key]
+            self.workers.append(WorkerChange(t, "leave", key))
+
+    def finish(self) -> Workload:
+        """Close what is still open at the cut-off; estimate what never ran."""
+        cutoff = self.now
+        observed: dict[str, list[float]] = {}
+        every: list[float] = []
+        for task in self.tasks.values():
+            if task.open_since is not None:
+                task.attempts.append(
+                    Attempt(task.open_since, max(cutoff - task.open_since, 0.0),
+                            task.open_worker, censored=True)
+                )  # fmt: skip
+                task.open_since = task.open_worker = None
+            for a in task.attempts:
+                if not a.censored:
+                    observed.setdefault(task.name, []).append(a.duration)
+                    every.append(a.duration)
+        fallback = statistics.median(every) if every else 0.0
+        for task in self.tasks.values():
+            if not task.attempts and task.outcome != "skipped":
+                guess = observed.get(task.name)
+                task.attempts.append(Attempt(None, statistics.median(guess) if guess else fallback))
+                task.estimated = True
+        return Workload(self.origin, cutoff, self.last_seq, self.events, self.tasks, self.workers)
+
+
+async def read_workload(
+    store: EventStore,
+    *,
+    until_seq: int | None = None,
+    until: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Workload:
+    """Stream the log from sequence 1 up to ``until_seq`` / ``until`` (default: its end now).
+
+    Read-only: an ordered push consumer (no publish, nothing appended).
+    """
+    builder = WorkloadBuilder()
+    last = await store.last_seq()
+    target = min(last, until_seq) if until_seq is not None else last
+    limit = until.timestamp() if until is not None else None
+    if target < 1:
+        return builder.finish()
+    async with store.feed(from_seq=1) as feed:
+        done = False
+        while not done:
+            batch = await feed.next_batch(2000, timeout=30.0)
+            if not batch:
+                raise UnavailableError(f"the log stopped delivering before sequence {target}")
+            for raw in batch:
+                if raw.seq > target:
+                    done = True
+                    break
+                try:
+                    record = decode_record(raw.data, raw.seq)
+                except ValueError as exc:  # not JSON, or no envelope: name the sequence
+                    raise InternalError(str(exc), details={"seq": raw.seq}) from None
+                if limit is not None and _ts(record.occurred_at) > limit:
+                    done = True
+                    break
+                builder.add(record)
+                if raw.seq >= target:
+                    done = True
+                    break
+            if progress is not None:
+                progress(builder.last_seq, target)
+    return builder.finish()
+
+
+# -- the simulation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One attempt as it ran (recorded or simulated)."""
+
+    key: Key
+    attempt: int
+    worker: Key
+    start: float
+    end: float
+
+
+@dataclass
+class Outcome:
+    """When each task became ready and first started, and every attempt, of one run."""
+
+    ready: dict[Key, float]
+    first_start: dict[Key, float]
+    runs: list[Run]
+    end: float  # the last attempt's end (or the last task's withdrawal)
+
+
+# Same-time order: ends free capacity before workers change, before work arrives.
+_FINISH, _LEAVE, _DRAIN, _JOIN, _READY, _ARRIVE, _WITHDRAW = range(7)
+
+
+def _amount(resources: Mapping[str, Any]) -> Amount:
+    return Amount(
+        float(resources.get("cpu", 1.0)),
+        float(resources.get("memory_mb", 0)),
+        float(resources.get("gpu", 0)),
+        dict(resources.get("custom") or {}),
+    )
+
+
+class Simulator:
+    """Drives :class:`Placement` through the recorded arrivals in simulated time.
+
+    Attempts take their recorded durations and are followed by their recorded gaps (retry
+    delays); a dependent becomes ready when its last dependency ends; a task withdrawn in the
+    recording (cancelled while pending) is withdrawn at the same time if it has not started.
+    A worker that leaves while running an attempt loses it: the attempt runs again in full.
+    """
+
+    def __init__(self, workload: Workload, policy: Policy) -> None:
+        self.w = workload
+        self.policy = policy
+        self.p = Placement(policy)
+        self._heap: list[tuple[float, int, int, Key, Any]] = []
+        self._n = itertools.count()
+        self._next_attempt: dict[Key, int] = {}
+        self._running: dict[Key, tuple[int, Key, float]] = {}  # key -> (attempt, worker, start)
+        self._waiting: dict[Key, set[str]] = {}
+        self._dependents: dict[Key, list[Key]] = {}
+        self._done: set[Key] = set()
+        self._arrived: set[Key] = set()
+        self._incarnation: dict[Key, str] = {}
+        self.ready: dict[Key, float] = {}
+        self.first_start: dict[Key, float] = {}
+        self.runs: list[Run] = []
+        self.end = 0.0
+
+    def _push(self, at: float, kind: int, key: Key, payload: Any = None) -> None:
+        heapq.heappush(self._heap, (at, kind, next(self._n), key, payload))
+
+    def run(self) -> Outcome:
+        tasks = self.w.tasks
+        for key, task in tasks.items():
+            self._push(task.submitted, _ARRIVE, key)
+            if task.withdrawn is not None and task.outcome != "skipped":
+                self._push(task.withdrawn, _WITHDRAW, key)
+            deps = {d for d in task.depends_on if (key[0], d) in tasks}
+            if deps:
+                self._waiting[key] = deps
+                for d in deps:
+                    self._dependents.setdefault((key[0], d), []).append(key)
+        for change in self.w.workers:
+            kind = {"join": _JOIN, "drain": _DRAIN, "leave": _LEAVE}[change.kind]
+            self._push(change.at, kind, change.key, change)
+        while self._heap:
+            now = self._heap[0][0]
+            while self._heap and self._heap[0][0] == now:
+                _t, kind, _n, key, payload = heapq.heappop(self._heap)
+                self._handle(now, kind, key, payload)
+            self._place(now)
+        return Outcome(self.ready, self.first_start, self.runs, self.end)
+
+    def _handle(self, now: float, kind: int, key: Key, payload: Any) -> None:
+        if kind == _ARRIVE:
+            self._arrived.add(key)
+            if key not in self._waiting:
+                self._make_ready(key, now)
+        elif kind == _READY:
+            self.p.add(self._job(key, now))
+        elif kind == _FINISH:
+            attempt, worker, start = payload
+            if self._running.get(key) == (attempt, worker, start):
+                del self._running[key]
+                self.p.release(key)
+                self.runs.append(Run(key, attempt, worker, start, now))
+                self.end = max(self.end, now)
+                attempts = self.w.tasks[key].attempts
+                if attempt + 1 < len(attempts):
+                    self._next_attempt[key] = attempt + 1
+                    self._push(now + attempts[attempt].gap, _READY, key)
+                else:
+                    self._finish(key, now)
+        elif kind == _WITHDRAW:
+            if key not in self.first_start and key not in self._done:
+                self.p.remove(key)
+                self._finish(key, now)
+        elif kind == _JOIN:
+            change: WorkerChange = payload
+            old = self._incarnation.get(key)
+            if old is not None and old != change.incarnation:
+                self._leave(key, now)  # the old process is gone: its attempts are lost
+            self._incarnation[key] = change.incarnation
+            cap = dict(change.capacity or {})
+            self.p.add_worker(key, _amount(cap), change.slots, tenants=change.tenants)
+        elif kind == _DRAIN:
+            self.p.set_accepting(key, False)
+        elif kind == _LEAVE:
+            self._incarnation.pop(key, None)
+            self._leave(key, now)
+
+    def _leave(self, worker: Key, now: float) -> None:
+        for key in self.p.remove_worker(worker):
+            self.p.release(key)
+            attempt, _w, start = self._running.pop(key)
+            self.runs.append(Run(key, attempt, worker, start, now))
+            self.p.add(self._job(key, now))  # the same attempt, again in full
+
+    def _make_ready(self, key: Key, now: float) -> None:
+        if key in self._done:
+            return  # withdrawn before its dependencies ended
+        self.ready.setdefault(key, now)
+        self._next_attempt[key] = 0
+        task = self.w.tasks[key]
+        if task.outcome == "skipped" and not task.attempts:
+            self._finish(key, now)
+            return
+        self.p.add(self._job(key, now))
+
+    def _finish(self, key: Key, now: float) -> None:
+        if key in self._done:
+            return
+        self._done.add(key)
+        self.end = max(self.end, now)
+        for dependent in self._dependents.get(key, ()):
+            waiting = self._waiting.get(dependent)
+            if waiting is None:
+                continue
+            waiting.discard(key[1])
+            if not waiting:
+                del self._waiting[dependent]
+                if dependent in self._arrived:
+                    self._make_ready(dependent, now)
+
+    def _job(self, key: Key, since: float) -> Job:
+        t = self.w.tasks[key]
+        return Job(
+            key,
+            t.priority,
+            since,
+            _amount(t.resources),
+            agent=t.agent,
+            fairness_key=t.fairness_key,
+            concurrency_key=t.concurrency_key,
+            concurrency_limit=t.concurrency_limit,
+        )
+
+    def _place(self, now: float) -> None:
+        for grant in self.p.place(now).grants:
+            key = grant.key
+            attempt = self._next_attempt.get(key, 0)
+            self._running[key] = (attempt, grant.worker, now)
+            self.first_start.setdefault(key, now)
+            duration = self.w.tasks[key].attempts[attempt].duration
+            self._push(now + duration, _FINISH, key, (attempt, grant.worker, now))
+
+
+def recorded(workload: Workload) -> Outcome:
+    """What really happened, in the same shape as a simulation's outcome."""
+    tasks = workload.tasks
+    ready: dict[Key, float] = {}
+    first: dict[Key, float] = {}
+    runs: list[Run] = []
+    end = 0.0
+    for key, task in tasks.items():
+        deps = [tasks[(key[0], d)] for d in task.depends_on if (key[0], d) in tasks]
+        ends = [d.ended for d in deps]
+        if all(e is not None for e in ends):
+            ready[key] = max([task.submitted, *(e for e in ends if e is not None)])
+        if task.first_grant is not None:
+            first[key] = task.first_grant
+        if not task.estimated:
+            for i, a in enumerate(task.attempts):
+                if a.start is not None and a.worker is not None:
+                    runs.append(Run(key, i, a.worker, a.start, a.start + a.duration))
+                    end = max(end, a.start + a.duration)
+        if task.ended is not None:
+            end = max(end, task.ended)
+    return Outcome(ready, first, runs, end)
+
+
+def simulate(workload: Workload, policy: Policy) -> Outcome:
+    return Simulator(workload, policy).run()
+
+
+# -- the comparison ------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``values`` (q in 0..100)."""
+    rank = max(math.ceil(q / 100 * len(values)), 1)
+    return values[min(rank, len(values)) - 1]
+
+
+def summary(values: Iterable[float]) -> dict[str, Any]:
+    vs = sorted(values)
+    if not vs:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    return {
+        "count": len(vs),
+        "p50": round(percentile(vs, 50), 6),
+        "p90": round(percentile(vs, 90), 6),
+        "p99": round(percentile(vs, 99), 6),
+        "max": round(vs[-1], 6),
+    }
+
+
+def band_name(priority: int) -> str:
+    """The named level whose band holds ``priority`` (bands of 100 points)."""
+    base = priority // 100 * 100
+    for name, number in PRIORITY_LEVELS.items():
+        if number == base:
+            return name
+    return f"{base}-{base + 99}"
+
+
+def _capacity_seconds(
+    workload: Workload, start: float, end: float
+) -> tuple[dict[str, float], dict[Key, Amount], dict[Key, int]]:
+    """Capacity-seconds each resource was available in [start, end], and every worker's
+    capacity (a worker still registered at the cut-off stays to the end)."""
+    avail: dict[str, float] = {}
+    caps: dict[Key, Amount] = {}
+    slots: dict[Key, int] = {}
+    joined: dict[Key, float] = {}
+
+    def close(key: Key, at: float) -> None:
+        since = joined.pop(key, None)
+        if since is None:
+            return
+        span = max(min(at, end) - max(since, start), 0.0)
+        cap = caps[key]
+        for res, value in _vector(cap, slots[key]).items():
+            avail[res] = avail.get(res, 0.0) + value * span
+
+    for change in workload.workers:
+        if change.kind == "join":
+            close(change.key, change.at)
+            caps[change.key] = _amount(change.capacity or {})
+            slots[change.key] = change.slots
+            joined[change.key] = change.at
+        elif change.kind == "leave":
+            close(change.key, change.at)
+    for key in list(joined):
+        close(key, end)
+    return avail, caps, slots
+
+
+def _vector(a: Amount, n: int) -> dict[str, float]:
+    out = {"slots": float(n), "cpu": a.cpu, "memory_mb": a.memory_mb, "gpu": a.gpu}
+    out.update({f"custom:{k}": v for k, v in a.custom.items()})
+    return out
+
+
+def measure(workload: Workload, outcome: Outcome) -> dict[str, Any]:
+    """Wait percentiles per band and tenant, utilisation per resource and makespan."""
+    waits: dict[Key, float] = {
+        k: max(outcome.first_start[k] - outcome.ready[k], 0.0)
+        for k in outcome.first_start
+        if k in outcome.ready
+    }
+    by_band: dict[str, list[float]] = {}
+    by_tenant: dict[str, list[float]] = {}
+    for key, wait in waits.items():
+        task = workload.tasks[key]
+        by_band.setdefault(band_name(task.priority), []).append(wait)
+        by_tenant.setdefault(key[0], []).append(wait)
+    start = min((t.submitted for t in workload.tasks.values()), default=0.0)
+    end = max(outcome.end, start)
+    avail, _caps, _slots = _capacity_seconds(workload, start, end)
+    busy: dict[str, float] = {}
+    for run in outcome.runs:
+        span = max(min(run.end, end) - max(run.start, start), 0.0)
+        need = _amount(workload.tasks[run.key].resources)
+        for res, value in _vector(need, 1).items():
+            busy[res] = busy.get(res, 0.0) + value * span
+    utilisation = {
+        res: round(busy.get(res, 0.0) / total, 6) if total > 0 else None
+        for res, total in sorted(avail.items())
+        if total > 0 or busy.get(res)
+    }
+    order = {name: i for i, name in enumerate(PRIORITY_LEVELS)}
+    return {
+        "wait": {
+            "all": summary(waits.values()),
+            "by_priority": {
+                b: summary(v)
+                for b, v in sorted(by_band.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))
+            },
+            "by_tenant": {t: summary(v) for t, v in sorted(by_tenant.items())},
+        },
+        "started": len(outcome.first_start),
+        "not_started": sum(
+            1
+            for k, t in workload.tasks.items()
+            if k not in outcome.first_start and t.outcome != "skipped" and t.withdrawn is None
+        ),
+        "utilisation": utilisation,
+        "makespan": round(end - start, 6),
+    }
+
+
+def compare(workload: Workload, policy_file: PolicyFile) -> dict[str, Any]:
+    """The report: the recorded run and the simulated one, side by side."""
+    simulated = simulate(workload, policy_file.to_policy())
+    tasks = workload.tasks.values()
+    return {
+        "policy": {"label": policy_file.label(), **policy_file.model_dump(exclude={"name"})},
+        "log": {
+            "from": workload.origin.isoformat() if workload.origin else None,
+            "last_seq": workload.last_seq,
+            "events": workload.events,
+            "span_s": round(workload.cutoff, 6),
+        },
+        "tasks": {
+            "total": len(workload.tasks),
+            "estimated_duration": sum(1 for t in tasks if t.estimated),
+            "still_running_at_cutoff": sum(1 for t in tasks if any(a.censored for a in t.attempts)),
+            "never_ran": sum(1 for t in tasks if t.first_grant is None),
+            "retried": sum(1 for t in tasks if len(t.attempts) > 1),
+            "workers": len({c.key for c in workload.workers}),
+        },
+        "recorded": measure(workload, recorded(workload)),
+        "simulated": measure(workload, simulated),
+    }
+
+
+# -- the report as tables ------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.3f}{unit}"
+
+
+def _quantiles(s: Mapping[str, Any]) -> str:
+    return " / ".join(_fmt(s[q]) for q in ("p50", "p90", "p99", "max"))
+
+
+def tables(report: dict[str, Any]) -> list[Any]:
+    """Rich tables of a :func:`compare` report: waits per band, per tenant, then totals."""
+    from rich.table import Table
+
+    rec, sim = report["recorded"], report["simulated"]
+    label = report["policy"]["label"]
+    out: list[Any] = []
+    for title, part in (("priority band", "by_priority"), ("tenant", "by_tenant")):
+        table = Table(title=f"Wait from ready to first lease, seconds, per {title}")
+        table.add_column(title.upper())
+        for side in ("recorded", label):
+            table.add_column("n", justify="right")
+            table.add_column(f"{side}: p50 / p90 / p99 / max", justify="right")
+        groups = list(dict.fromkeys([*rec["wait"][part], *sim["wait"][part]]))
+        empty = summary([])
+        for group in [*groups, "all"]:
+            cells = [group]
+            for side in (rec, sim):
+                s = side["wait"]["all"] if group == "all" else side["wait"][part].get(group, empty)
+                cells += [str(s["count"]), _quantiles(s)]
+            table.add_row(*cells, end_section=bool(groups) and group == groups[-1])
+        out.append(table)
+    totals = Table(title="Utilisation (busy / available capacity-seconds) and makespan")
+    totals.add_column("MEASURE")
+    totals.add_column("recorded", justify="right")
+    totals.add_column(label, justify="right")
+    for res in dict.fromkeys([*rec["utilisation"], *sim["utilisation"]]):
+        r, s = rec["utilisation"].get(res), sim["utilisation"].get(res)
+        totals.add_row(
+            f"utilisation {res}",
+            "-" if r is None else f"{r:.1%}",
+            "-" if s is None else f"{s:.1%}",
+        )
+    totals.add_row("makespan", _fmt(rec["makespan"], " s"), _fmt(sim["makespan"], " s"))
+    totals.add_row("tasks started", str(rec["started"]), str(sim["started"]))
+    totals.add_row("never started", str(rec["not_started"]), str(sim["not_started"]))
+    out.append(totals)
+    return out
