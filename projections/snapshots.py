@@ -250,10 +250,11 @@ async def make_snapshot(
     """
     if keep < 1:
         raise InvalidError("keep at least one snapshot (--keep >= 1)")
-    stream_created, head = await _stream_created(store)
     tmp = db_path.with_name(f"{db_path.name}.snapshot-{os.getpid()}")
     try:
         last, kv, digest = await asyncio.to_thread(copy_database, db_path, tmp, name)
+        # The stream's head after the copy: the projector may have applied more meanwhile.
+        stream_created, head = await _stream_created(store)
         if last > head:
             raise InvalidError(
                 f"{db_path} is at sequence {last}, past the stream's last ({head}): "
