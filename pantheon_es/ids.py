@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from datetime import UTC, datetime
@@ -74,8 +75,11 @@ def new_id() -> str:
     return _generator.next()
 
 
+_ID = re.compile(f"[{_ALPHABET}]{{26}}")
+
+
 def is_id(value: str) -> bool:
-    return len(value) == 26 and all(c in _DECODE for c in value)
+    return len(value) == 26 and _ID.fullmatch(value) is not None
 
 
 def timestamp_of(value: str) -> datetime:

@@ -45,8 +45,9 @@ from pantheon_es.schema import WhyTask
 from pantheon_es.service import CommandService, ServiceConfig
 from pantheon_es.store import EventFeed, EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
-from projections.projector import Projector
+from projections.projector import Projector, current_digest
 from projections.runner import ReadSide
+from projections.snapshots import restore_snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +73,8 @@ class NodeConfig:
     worker_slots: int = 16
     #: Archive finished tasks this many seconds after they finished (None: keep).
     retention: float | None = None
+    #: The read side snapshots its read models every this many events (None: never).
+    snapshot_every: int | None = None
     #: Scheduler leadership lease, seconds (0: no election; this node always schedules).
     leader_ttl: float = 5.0
 
@@ -180,6 +183,7 @@ class Node:
                 batch_size=cfg.projector_batch,
                 retention=cfg.retention,
                 commands=self.service,
+                snapshot_every=cfg.snapshot_every,
             )
             await self.read.start()
             projector = self.read.projector
@@ -187,14 +191,20 @@ class Node:
             self.scheduler.bootstrap(projector.db, projector.position, await self.store.last_seq())
             projector.sinks.append(self.scheduler.feed)
         else:
+            # Restore a snapshot here, before the read side starts, so that the scheduler
+            # below bootstraps from it too (the child then finds the database current).
+            await restore_snapshot(self.store, self.db_path, digest=current_digest())
             await self.children.add(
-                read_side_child(self.nats_url, cfg.root, cfg.data_dir, cfg.retention)
+                read_side_child(
+                    self.nats_url, cfg.root, cfg.data_dir, cfg.retention, cfg.snapshot_every
+                )
             )
             position = await asyncio.to_thread(
                 self._bootstrap_from_disk, await self.store.last_seq()
             )
+            # Started by run(): nothing drains it before, and a long log would pile up
+            # in the client (slow consumer) while the read side catches up.
             self._feed = self.store.feed(from_seq=position + 1)
-            await self._feed.start()
             await self._wait_for_queries()
         for child in worker_children(
             self.nats_url,
@@ -233,13 +243,17 @@ class Node:
             db.close()
 
     async def _wait_for_queries(self, timeout: float = 60.0) -> None:
-        """The read side answers queries (so clients never meet "no responders")."""
+        """The read side answers queries (so clients never meet "no responders").
+
+        ``min_seq=0``: an answer from read models still catching up counts (a node on a
+        long log without a snapshot serves commands meanwhile).
+        """
         assert self.nc is not None
         client = PantheonClient(self.nc, subjects=self.subjects, timeout=2)
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                await client.list_tasks(limit=1)
+                await client.list_tasks(limit=1, min_seq=0)
                 return
             except UnavailableError:
                 if asyncio.get_running_loop().time() > deadline:
@@ -281,6 +295,7 @@ class Node:
 
     async def _tail_for_scheduler(self) -> None:
         assert self._feed is not None and self.scheduler is not None
+        await self._feed.start()
         while True:
             batch = await self._feed.next_batch(2000)
             if not batch:

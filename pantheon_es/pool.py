@@ -136,10 +136,18 @@ def worker_children(
     return children
 
 
-def read_side_child(nats_url: str, root: str, data_dir: Path, retention: float | None) -> Child:
+def read_side_child(
+    nats_url: str,
+    root: str,
+    data_dir: Path,
+    retention: float | None,
+    snapshot_every: int | None = None,
+) -> Child:
     argv = _cli(
         "projector", "--nats-url", nats_url, "--namespace", root, "--data-dir", str(data_dir)
     )
     if retention is not None:
         argv += ["--retention", str(retention)]
+    if snapshot_every:
+        argv += ["--snapshot-every", str(snapshot_every)]
     return Child("read-side", argv)

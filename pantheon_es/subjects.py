@@ -13,6 +13,7 @@ Layout (root ``pantheon``)::
     pantheon.work.<tenant>.<worker_id>          work offers
     KV pantheon-state   key <tenant>.<model>.<id>
     KV pantheon-idem    key <tenant>.<digest>   idempotency claims
+    object store pantheon-snapshots            read-model snapshots (<name>-<last_seq>.sqlite)
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class Subjects:
     def state_bucket(self) -> str:
         """KV bucket holding the current state of every entity."""
         return f"{self.root}-state"
+
+    @property
+    def snapshot_bucket(self) -> str:
+        """Object store holding read-model snapshots (``pantheon snapshot``)."""
+        return f"{self.root}-snapshots"
 
     @property
     def idempotency_bucket(self) -> str:

@@ -150,6 +150,7 @@ Handler = Callable[[Any, Batch, EventRecord], None]
 QueryFn = Callable[[aiosqlite.Connection, str, Any], Awaitable[dict[str, Any]]]
 Queries = dict[tuple[str, str], tuple[type[BaseModel], QueryFn]]
 Loader = Callable[[EventRecord], Iterable[tuple[Table, Key]]]
+BoundHandler = Callable[[Batch, EventRecord], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,3 +253,11 @@ class ReadModel:
         binding = self._bindings.get(event.type)
         if binding is not None:
             binding.fn(self, uow, event)
+
+    def route(self, event_type: str) -> tuple[Loader | None, BoundHandler | None]:
+        """This model's loader and handler of ``event_type``, bound (the projector's hot path:
+        it looks them up once per type, not once per event and model)."""
+        binding = self._bindings.get(event_type)
+        if binding is None:
+            return None, None
+        return binding.load, binding.fn.__get__(self)

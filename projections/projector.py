@@ -34,8 +34,14 @@ from nats.js.api import KeyValueConfig, StorageType
 from pantheon_es.errors import UnknownEventTypeError
 from pantheon_es.events import EventRecord, decode_record
 from pantheon_es.store import EventStore, RawEvent
-from projections.base import Batch, ReadModel, Row, Table
+from projections.base import Batch, BoundHandler, Loader, ReadModel, Row, Table
 from projections.messages import MessagesModel
+from projections.snapshots import (
+    DEFAULT_RESTORE_GAP,
+    SnapshotInfo,
+    remove_database,
+    restore_snapshot,
+)
 from projections.tasks import TasksModel
 from projections.workers import WorkersModel
 from projections.workflows import WorkflowsModel
@@ -66,6 +72,11 @@ def default_models() -> list[ReadModel]:
     return [TasksModel(), MessagesModel(), WorkersModel(), WorkflowsModel()]
 
 
+def current_digest() -> str:
+    """The schema digest of the default read models (what snapshots are matched on)."""
+    return schema_digest([t for m in default_models() for t in m.tables])
+
+
 #: Rows written per executemany call; the loop gets a turn between chunks.
 WRITE_CHUNK = 256
 
@@ -93,6 +104,9 @@ def open_writer(db_path: Path | str) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=5000")
+    # 32 MiB of page cache (default 2 MiB): a replay of a long log keeps the B-tree
+    # pages its inserts and loads touch in memory rather than re-reading them.
+    db.execute("PRAGMA cache_size=-32768")
     return db
 
 
@@ -109,6 +123,8 @@ class Projector:
         kv: bool = True,
         batch_size: int = 2000,
         skip_unknown: bool = False,
+        snapshots: bool = False,
+        restore_gap: int = DEFAULT_RESTORE_GAP,
     ) -> None:
         self.store = store
         self.db_path = Path(db_path)
@@ -117,6 +133,11 @@ class Projector:
         self.kv_enabled = kv
         self.batch_size = batch_size
         self.skip_unknown = skip_unknown
+        #: Restore the newest snapshot at open() when the database is missing or far behind.
+        self.snapshots = snapshots
+        self.restore_gap = restore_gap
+        #: The snapshot open() restored, if any.
+        self.restored: SnapshotInfo | None = None
         self.position = 0  # last applied stream sequence
         self.kv_position = 0  # last sequence whose KV writes are acknowledged
         self.db: sqlite3.Connection | None = None
@@ -130,6 +151,8 @@ class Projector:
         self._run_finished = asyncio.Event()
         self._run_finished.set()
         self._tables: list[Table] = [t for m in self.models for t in m.tables]
+        #: event type -> (loaders, handlers) of every model, in model order
+        self._routes: dict[str, tuple[tuple[Loader, ...], tuple[BoundHandler, ...]]] = {}
 
     # -- life cycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Projector:
@@ -140,6 +163,14 @@ class Projector:
         await self.shutdown()
 
     async def open(self) -> None:
+        if self.snapshots:
+            self.restored = await restore_snapshot(
+                self.store,
+                self.db_path,
+                digest=schema_digest(self._tables),
+                name=self.name,
+                min_gap=self.restore_gap,
+            )
         self.db = open_writer(self.db_path)
         self.db.executescript(CHECKPOINT_DDL)
         self._migrate(self.db)
@@ -258,9 +289,11 @@ class Projector:
             sink(events)
         uow = Batch(track_changes=self.kv_enabled)
         await self._load(uow, events)
+        routes = self._routes
         for event in events:
-            for model in self.models:
-                model.apply(uow, event)
+            route = routes.get(event.type) or self._route(event.type)
+            for handle in route[1]:
+                handle(uow, event)
         await self._write(uow, last_seq)
         self.position = last_seq
         self._advanced.set()
@@ -270,11 +303,25 @@ class Projector:
         elif self.kv_enabled and self._kv_pending is None:
             self.kv_position = last_seq
 
+    def _route(self, event_type: str) -> tuple[tuple[Loader, ...], tuple[BoundHandler, ...]]:
+        loaders: list[Loader] = []
+        handlers: list[BoundHandler] = []
+        for model in self.models:
+            load, handle = model.route(event_type)
+            if load is not None:
+                loaders.append(load)
+            if handle is not None:
+                handlers.append(handle)
+        route = self._routes[event_type] = (tuple(loaders), tuple(handlers))
+        return route
+
     async def _load(self, uow: Batch, events: list[EventRecord]) -> None:
         wanted: dict[str, tuple[Table, set[Any]]] = {}
+        routes = self._routes
         for event in events:
-            for model in self.models:
-                for table, key in model.loads(event):
+            route = routes.get(event.type) or self._route(event.type)
+            for load in route[0]:
+                for table, key in load(event):
                     wanted.setdefault(table.name, (table, set()))[1].add(key)
         assert self.db is not None
         for table, keys in wanted.values():
@@ -422,12 +469,6 @@ async def dump_tables(
         await db.close()
 
 
-def _remove_database(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"{path}{suffix}").unlink()
-
-
 async def rebuild(
     store: EventStore,
     db_path: Path | str,
@@ -438,7 +479,7 @@ async def rebuild(
 ) -> int:
     """Build every read model into a new database from sequence 1; returns the last seq applied."""
     path = Path(db_path)
-    _remove_database(path)
+    remove_database(path)
     projector = Projector(store, path, kv=False, skip_unknown=skip_unknown)
     await projector.open()
     try:

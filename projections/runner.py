@@ -23,6 +23,7 @@ from pantheon_es.subjects import Subjects
 from pantheon_es.tasks import ArchiveTask
 from projections.projector import Projector
 from projections.query import QueryService
+from projections.snapshots import make_snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -50,9 +51,13 @@ class ReadSide:
         batch_size: int = 2000,
         retention: float | None = None,
         commands: Any = None,
+        snapshot_every: int | None = None,
     ) -> None:
         self.store = store
-        self.projector = Projector(store, db_path, batch_size=batch_size)
+        #: Make a snapshot each time this many more events are applied (None: never).
+        self.snapshot_every = snapshot_every
+        self._snapshotter: asyncio.Task[None] | None = None
+        self.projector = Projector(store, db_path, batch_size=batch_size, snapshots=True)
         self.query = QueryService(store.nc, store, self.projector)
         self.retention = retention
         self.commands = commands
@@ -73,8 +78,35 @@ class ReadSide:
             group.create_task(self.query.run(), name="query-service")
             if self.janitor is not None:
                 group.create_task(self.janitor.run(), name="janitor")
+            if self.snapshot_every:
+                self._snapshotter = group.create_task(
+                    self._snapshots(self.snapshot_every), name="snapshots"
+                )
+
+    async def _snapshots(self, every: int) -> None:
+        """A snapshot each ``every`` events applied, made beside the projector (docs/decisions.md).
+
+        The copy runs in a thread on a connection of its own (WAL: the projector keeps
+        writing); the upload interleaves with the projector on this loop. A failure is
+        logged and the next one tried ``every`` events later.
+        """
+        projector = self.projector
+        done = projector.position
+        while True:
+            while not await projector.wait_for(done + every, timeout=3600):
+                pass
+            try:
+                info, _pruned = await make_snapshot(self.store, projector.db_path)
+                done = info.last_seq
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("periodic snapshot failed", error=repr(exc))
+                done = projector.position
 
     async def shutdown(self) -> None:
+        if self._snapshotter is not None:
+            self._snapshotter.cancel()
         if self.janitor is not None:
             self.janitor.shutdown()
         await self.query.shutdown()
@@ -88,6 +120,7 @@ async def run_read_side(
     retention: float | None,
     stop: asyncio.Event,
     grace: float = 15.0,
+    snapshot_every: int | None = None,
 ) -> None:
     """The `pantheon projector` process: the read side until ``stop`` is set.
 
@@ -95,7 +128,9 @@ async def run_read_side(
     start-up, or the NATS server is gone and would be reconnected to for ever).
     """
     running = asyncio.Event()
-    main = asyncio.create_task(_read_side(nats_url, root, data_dir, retention, stop, running))
+    main = asyncio.create_task(
+        _read_side(nats_url, root, data_dir, retention, stop, running, snapshot_every)
+    )
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
@@ -120,6 +155,7 @@ async def _read_side(
     retention: float | None,
     stop: asyncio.Event,
     running: asyncio.Event,
+    snapshot_every: int | None = None,
 ) -> None:
     nc = await nats.connect(
         nats_url,
@@ -129,7 +165,9 @@ async def _read_side(
     )
     store = EventStore(nc, Subjects(root), StoreConfig())
     await store.provision()
-    side = ReadSide(store, data_dir / "projections.db", retention=retention)
+    side = ReadSide(
+        store, data_dir / "projections.db", retention=retention, snapshot_every=snapshot_every
+    )
     await side.start()
     log.info("read side running", db=str(data_dir / "projections.db"))
     running.set()
