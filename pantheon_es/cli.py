@@ -215,6 +215,69 @@ async def _with_client(
         await client.close()
 
 
+async def _with_log(
+    nats_url: str | None,
+    data_dir: Path,
+    tenant: str,
+    root: str,
+    fn: Callable[[PantheonClient], Awaitable[T]],
+    *,
+    queries: bool = False,
+) -> T:
+    """Like :func:`_with_client`, for the read-only tools: with no node running on
+    ``data_dir`` but its embedded store there, they read that log through a nats-server
+    started for the command (no command service, no scheduler: nothing is appended).
+    ``queries``: also run a read side, caught up first, for tools that use the read
+    models (docs/operations.md)."""
+    if nats_url is None and (data_dir / "nats" / "store").is_dir():
+        try:
+            discover(data_dir)
+        except UnavailableError:
+            return await _offline(data_dir, tenant, root, fn, queries=queries)
+    return await _with_client(nats_url, data_dir, tenant, root, fn)
+
+
+async def _offline(
+    data_dir: Path,
+    tenant: str,
+    root: str,
+    fn: Callable[[PantheonClient], Awaitable[T]],
+    *,
+    queries: bool,
+) -> T:
+    from pantheon_es.embedded import EmbeddedNats
+    from pantheon_es.node import DB_NAME
+    from pantheon_es.store import EventStore
+    from pantheon_es.subjects import Subjects
+    from projections.runner import ReadSide
+
+    logs.configure("warning")
+    err.print(
+        f"no running `pantheon up` in {data_dir}: reading its log through a nats-server "
+        "started for this command (nothing is appended)",
+        highlight=False,
+    )
+    async with EmbeddedNats(data_dir / "nats") as server:
+        client = await PantheonClient.connect(server.url, tenant=tenant, root=root, actor=_actor())
+        read: ReadSide | None = None
+        serving: asyncio.Task[None] | None = None
+        try:
+            if queries:
+                read = ReadSide(EventStore(client.nc, Subjects(root)), data_dir / DB_NAME)
+                await read.start()
+                await read.projector.catch_up()
+                serving = asyncio.create_task(read.run())
+            return await fn(client)
+        finally:
+            if read is not None:
+                await read.shutdown()
+            if serving is not None:
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await serving
+            await client.close()
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -1204,7 +1267,7 @@ def events(
                         return
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --follow
-        _run(_with_client(nats_url, data_dir, tenant, root, main))
+        _run(_with_log(nats_url, data_dir, tenant, root, main))
     if json_out and not follow:
         _print_json(collected)
 
@@ -1538,7 +1601,7 @@ def replay(
                 exc.message += "; pass --skip-unknown to go past it"
                 raise
 
-    summary = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    summary = _run(_with_log(nats_url, data_dir, tenant, root, main))
     if json_out:
         _print_json(summary.to_dict())
     else:
@@ -1591,7 +1654,7 @@ def verify(
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip
 
-    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    report = _run(_with_log(nats_url, data_dir, tenant, root, main))
     if json_out:
         _print_json(report.to_dict())
     else:
@@ -1692,7 +1755,7 @@ def watch(
         return await follow(client, model, pairs, once=once, json_lines=json_out, console=out)
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it
-        _run(_with_client(nats_url, data_dir, tenant, root, main))
+        _run(_with_log(nats_url, data_dir, tenant, root, main, queries=True))
 
 
 # -- audit ----------------------------------------------------------------------------------------
@@ -1733,7 +1796,7 @@ def audit(
             auditor = Auditor(client, progress=lambda msg: status.update(msg))
             return await auditor.audit(entity_id)
 
-    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    report = _run(_with_log(nats_url, data_dir, tenant, root, main, queries=True))
     if fmt == "table":
         for table in tables(report):
             out.print(table)
@@ -1813,7 +1876,7 @@ def whatif(
             bar.update(task, description=f"simulating {len(workload.tasks)} tasks")
             return compare(workload, policy_file)
 
-    report = _run(_with_client(nats_url, data_dir, tenant, root, main))
+    report = _run(_with_log(nats_url, data_dir, tenant, root, main))
     if json_out:
         _print_json(report)
         return

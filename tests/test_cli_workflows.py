@@ -90,6 +90,20 @@ def test_pantheon_run_security_audit_on_an_embedded_node_writes_the_report(
     assert "no running `pantheon up`" in done.stderr  # it started and stopped its own node
     assert not (data_dir / "pantheon.json").exists()
 
+    # With the node gone, the read-only tools still read its log from the data dir.
+    before = json.loads(run("events", "--json", data_dir=data_dir).stdout)
+    audited = run("audit", final["id"], "--format", "json", data_dir=data_dir, timeout=60)
+    assert "reading its log through a nats-server started for this command" in audited.stderr
+    doc = json.loads(audited.stdout)
+    assert doc["kind"] == "workflow" and len(doc["tasks"]) == 6
+    assert all(t["attempts"][-1]["outcome"] == "completed" for t in doc["tasks"])
+    checked = run("verify", "--json", data_dir=data_dir, timeout=60)
+    assert json.loads(checked.stdout)["ok"] is True
+    after = json.loads(run("events", "--json", data_dir=data_dir).stdout)
+    assert after == before  # nothing appended
+    assert "WorkflowFinished" in {e["type"] for e in before}
+    assert not (data_dir / "pantheon.json").exists()
+
 
 def test_pantheon_run_refuses_a_cycle_and_exits_1(tmp_path: Path) -> None:
     path = tmp_path / "loop.yaml"
