@@ -278,6 +278,16 @@ async def _offline(
             await client.close()
 
 
+def _served(tenants: list[str] | None) -> tuple[str, ...]:
+    """``--worker-serve-tenant`` values, checked before any worker starts."""
+    from pantheon_es.subjects import check_token
+
+    try:
+        return tuple(t if t == "*" else check_token("tenant", t) for t in tenants or ())
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--worker-serve-tenant") from None
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -330,6 +340,14 @@ def up(
     worker_slots: Annotated[
         int, typer.Option(min=1, help="Tasks each local worker runs at once.")
     ] = 16,
+    worker_serve_tenant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--worker-serve-tenant",
+            help="The local workers also run tasks of this tenant ('*': every tenant); "
+            "repeatable. Tenants share them by fair-share weight.",
+        ),
+    ] = None,
     lease_ttl: Annotated[
         float, typer.Option(min=0.5, help="Seconds a lease lives without a heartbeat.")
     ] = 30.0,
@@ -459,6 +477,7 @@ def up(
         read_side="process",
         workers=workers,
         worker_slots=worker_slots,
+        worker_serve_tenants=_served(worker_serve_tenant),
         scheduler=SchedulerConfig(
             lease_ttl=lease_ttl, inactivity_timeout=inactivity_timeout * 60, policy=policy
         ),

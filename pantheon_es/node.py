@@ -71,6 +71,8 @@ class NodeConfig:
     workers: int = 2
     worker_tenant: str = "default"
     worker_slots: int = 16
+    #: Other tenants the local workers also serve ('*': every tenant; `--serve-tenant`).
+    worker_serve_tenants: tuple[str, ...] = ()
     #: Archive finished tasks this many seconds after they finished (None: keep).
     retention: float | None = None
     #: The read side snapshots its read models every this many events (None: never).
@@ -213,6 +215,7 @@ class Node:
             size=cfg.workers,
             tenant=cfg.worker_tenant,
             slots=cfg.worker_slots,
+            serve_tenants=cfg.worker_serve_tenants,
         ):
             await self.children.add(child)
         self._write_discovery()

@@ -116,6 +116,7 @@ def worker_children(
     size: int,
     tenant: str = "default",
     slots: int = 16,
+    serve_tenants: tuple[str, ...] = (),
     shutdown_timeout: float = 30.0,
 ) -> list[Child]:
     host = socket.gethostname().split(".")[0].replace("_", "-")
@@ -131,6 +132,7 @@ def worker_children(
             "--worker-id", worker_id,
             "--slots", str(slots),
             "--shutdown-timeout", str(shutdown_timeout),
+            *(arg for t in serve_tenants for arg in ("--serve-tenant", t)),
         )  # fmt: skip
         children.append(Child(worker_id, argv))
     return children

@@ -151,3 +151,25 @@ def test_workers_command_shows_the_local_pool(node: Up) -> None:
     assert all(w["capacity"]["cpu"] > 0 and w["slots"] == 16 for w in page["items"])
     table = run("workers", data_dir=node.data_dir).stdout
     assert all(w["id"] in table for w in page["items"])
+
+
+def test_the_local_pool_serves_other_tenants_when_told(tmp_path: Path) -> None:
+    bad = subprocess.run(
+        [*pantheon_argv(), "up", "--data-dir", str(tmp_path / "bad"),
+         "--worker-serve-tenant", "no.dots"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--worker-serve-tenant" in bad.stderr
+    assert not (tmp_path / "bad" / "pantheon.json").exists()
+
+    up = Up(tmp_path / "node", "--workers", "1", "--worker-serve-tenant", "*").start()
+    try:
+        done = run("submit", "t", "--tenant", "other", "--wait", "--json", "--", "echo", "hi",
+                   data_dir=up.data_dir, timeout=60)  # fmt: skip
+        task = json.loads(done.stdout)
+        assert task["status"] == "completed" and task["tenant"] == "other"
+        workers = json.loads(run("workers", "--json", data_dir=up.data_dir).stdout)
+        assert [w["tenants"] for w in workers["items"]] == [["*"]]
+    finally:
+        up.interrupt()
+        up.kill()
