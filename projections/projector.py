@@ -58,6 +58,14 @@ CREATE TABLE IF NOT EXISTS projector_schema (
     name TEXT PRIMARY KEY,
     digest TEXT NOT NULL
 );
+-- KV deletions not yet confirmed by the bucket: a restart re-does them (rows are gone).
+CREATE TABLE IF NOT EXISTS projector_kv_deleted (
+    tenant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant, model, id)
+);
 """
 
 
@@ -359,6 +367,8 @@ class Projector:
                     await asyncio.sleep(0)
             for sql, stmt_params in uow.statements:
                 db.execute(sql, stmt_params)
+            if uow.changed:
+                self._record_kv_deletes(db, uow.changed, last_seq)
             db.execute(
                 "INSERT OR REPLACE INTO projector_checkpoint (name, last_seq, kv_seq)"
                 " VALUES (?, ?, ?)",
@@ -369,6 +379,15 @@ class Projector:
             with contextlib.suppress(Exception):
                 db.execute("ROLLBACK")
             raise
+
+    def _record_kv_deletes(
+        self, db: sqlite3.Connection, changed: dict[tuple[str, str, str], Row | None], seq: int
+    ) -> None:
+        """Note this batch's KV deletions in its transaction, and forget confirmed ones."""
+        gone = [(*key, seq) for key, row in changed.items() if row is None]
+        if gone:
+            db.execute("DELETE FROM projector_kv_deleted WHERE seq <= ?", (self.kv_position,))
+            db.executemany("INSERT OR REPLACE INTO projector_kv_deleted VALUES (?, ?, ?, ?)", gone)
 
     # -- the KV bucket -----------------------------------------------------------------------------
     async def _provision_bucket(self) -> None:
@@ -421,11 +440,18 @@ class Projector:
         return seq
 
     async def _resync_kv(self) -> None:
-        """Re-put every entity changed after the last confirmed KV write."""
+        """Re-put every entity changed, and re-delete every one deleted, after the last
+        confirmed KV write."""
         if self.kv_position >= self.position:
             return
         assert self.db is not None
-        changed: dict[tuple[str, str, str], Row | None] = {}
+        changed: dict[tuple[str, str, str], Row | None] = {
+            (tenant, model, entity_id): None
+            for tenant, model, entity_id in self.db.execute(
+                "SELECT tenant, model, id FROM projector_kv_deleted WHERE seq > ?",
+                (self.kv_position,),
+            )
+        }
         for model in self.models:
             for tenant, kv_model, entity_id, row in model_states_since(
                 self.db, model, self.kv_position

@@ -227,3 +227,41 @@ async def _run_ops(url: str, base: Path, ops: list[tuple[Any, Any, Any]]) -> Non
         assert await dump_tables(base / "live.db") == await dump_tables(base / "rebuilt.db")
     finally:
         await nc.close()
+
+
+async def test_kv_deletion_lost_in_a_crash_is_redone_at_restart(
+    nc: NATS, store: EventStore, tmp_path: Path
+) -> None:
+    stack, run = await start_stack(nc, store, tmp_path / "served.db")
+    try:
+        kept, archived = await submit_many(stack, 2)
+        for tid in (kept, archived):
+            await stack.client.cancel_task(tid)
+        await stack.client.archive_task(archived)  # the last event: the bucket deletes the key
+    finally:
+        await stop_stack(stack, run)
+    head = await store.last_seq()
+
+    class CrashBeforeDeletes(Projector):
+        """Its KV deletions never reach the bucket (the process died right after commit)."""
+
+        async def _put_states(self, items: Any, seq: int) -> int:
+            if any(row is None for _key, row in items):
+                raise ConnectionError("killed before the KV write")
+            return await super()._put_states(items, seq)
+
+    db = tmp_path / "crashed.db"
+    crashed = CrashBeforeDeletes(store, db, batch_size=1)
+    await crashed.open()
+    assert await crashed.catch_up() == head
+    await crashed.shutdown()
+    kv = await nc.jetstream().key_value(store.subjects.state_bucket)
+    key = f"default.task.{archived}"
+    assert orjson.loads((await kv.get(key)).value)["status"] == "cancelled"  # stale
+
+    restarted = Projector(store, db)
+    await restarted.open()  # the resync re-does the deletion the crash lost
+    await restarted.shutdown()
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get(key)
+    assert orjson.loads((await kv.get(f"default.task.{kept}")).value)["status"] == "cancelled"
