@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -91,19 +91,42 @@ class _KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[tuple[str, str, str], list[Any]] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: tuple[str, str, str]) -> AsyncIterator[None]:
-        entry = self._locks.get(key)
+    def hold(self, key: tuple[str, str, str]) -> _Held:
+        return _Held(self._locks, key)
+
+
+class _Held:
+    """``async with`` one aggregate's lock (a class: ``asynccontextmanager`` cost 5 µs
+    of generator machinery per command)."""
+
+    __slots__ = ("_entry", "_key", "_locks")
+
+    def __init__(self, locks: dict[tuple[str, str, str], list[Any]], key: tuple[str, str, str]):
+        self._locks = locks
+        self._key = key
+        entry = locks.get(key)
         if entry is None:
-            entry = self._locks[key] = [asyncio.Lock(), 0]
+            entry = locks[key] = [asyncio.Lock(), 0]
+        self._entry = entry
+
+    async def __aenter__(self) -> None:
+        entry = self._entry
         entry[1] += 1
         try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[key]
+            await entry[0].acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._entry[0].release()
+        self._leave()
+
+    def _leave(self) -> None:
+        entry = self._entry
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._locks[self._key]
 
 
 @dataclass(frozen=True, slots=True)

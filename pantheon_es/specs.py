@@ -201,6 +201,10 @@ class SchedulingOptions(Frozen):
 
     def options(self) -> SchedulingOptions:
         """Just the scheduling options of a model that has them among other fields."""
-        return SchedulingOptions.model_validate(
-            {k: getattr(self, k) for k in SchedulingOptions.model_fields}
-        )
+        values = {k: getattr(self, k) for k in SchedulingOptions.model_fields}
+        if all(v is None for v in values.values()):
+            return _NO_OPTIONS  # most tasks: one shared frozen instance, no validation
+        return SchedulingOptions.model_validate(values)
+
+
+_NO_OPTIONS = SchedulingOptions()

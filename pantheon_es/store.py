@@ -453,17 +453,20 @@ class _DuplicateInBatch(_WrongLastSequence):
 
 class _Acks:
     """Publishes with a reply subject of its own and hands each JetStream ack to the
-    waiting append: one wildcard subscription and a timer per append, instead of
-    ``js.publish``'s request machinery (a ``wait_for`` and a PubAck object each time).
-    Measured with tools/bench (docs/decisions.md, "Appends")."""
+    waiting append: one wildcard subscription instead of ``js.publish``'s request
+    machinery (a ``wait_for`` and a PubAck object each time). Measured with tools/bench
+    (docs/decisions.md, "Appends"). Timeouts: one sweep timer for all appends in
+    flight, not a timer each (docs/decisions.md, "The per-task cost")."""
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
         self.prefix = nc.new_inbox()
-        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        #: token -> (future, deadline); insertion order is deadline order per timeout
+        self._pending: dict[str, tuple[asyncio.Future[bytes], float]] = {}
         self._next = itertools.count(1)
         self._sub: Any = None
         self._subscribing: asyncio.Lock = asyncio.Lock()
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
@@ -475,28 +478,41 @@ class _Acks:
         token = str(next(self._next))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        self._pending[token] = future
-        timer = loop.call_later(timeout, self._expire, token)
+        self._pending[token] = (future, loop.time() + timeout)
+        if self._sweep is None:
+            self._sweep = loop.call_later(min(timeout, _SWEEP), self._expire, min(timeout, _SWEEP))
         try:
             await self.nc.publish(subject, payload, reply=f"{self.prefix}.{token}", headers=headers)
             return await future
         finally:
-            timer.cancel()
             self._pending.pop(token, None)
 
     async def _on_ack(self, msg: Msg) -> None:
-        future = self._pending.pop(msg.subject[len(self.prefix) + 1 :], None)
-        if future is None or future.done():
+        entry = self._pending.pop(msg.subject[len(self.prefix) + 1 :], None)
+        if entry is None or entry[0].done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
-            future.set_exception(nats.errors.NoRespondersError())
+            entry[0].set_exception(nats.errors.NoRespondersError())
         else:
-            future.set_result(msg.data)
+            entry[0].set_result(msg.data)
 
-    def _expire(self, token: str) -> None:
-        future = self._pending.pop(token, None)
-        if future is not None and not future.done():
-            future.set_exception(TimeoutError())
+    def _expire(self, interval: float) -> None:
+        """Fail the appends whose deadline passed; run again while any is in flight."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = [token for token, (_f, deadline) in self._pending.items() if deadline <= now]
+        for token in late:
+            future, _deadline = self._pending.pop(token)
+            if not future.done():
+                future.set_exception(TimeoutError())
+        if self._pending:
+            self._sweep = loop.call_later(interval, self._expire, interval)
+
+
+#: How often the appends in flight are checked for a missing ack (a timeout fires up
+#: to this much late).
+_SWEEP = 0.25
 
 
 def _map_api_error(err_code: int | None, description: str) -> PantheonError:

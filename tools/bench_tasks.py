@@ -35,7 +35,7 @@ import nats
 import orjson
 import psutil
 
-from pantheon_es import ids
+from pantheon_es import ids, logs
 from pantheon_es.client import PantheonClient
 from pantheon_es.node import tune_gc
 from pantheon_es.store import EventStore, StoreConfig
@@ -84,6 +84,30 @@ class Node:
         rss = int(psutil.Process(self.proc.pid).memory_info().rss)
         return round(rss / 2**20, 1)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the node and each of its processes, by role."""
+        assert self.proc is not None
+        node = psutil.Process(self.proc.pid)
+        out = {"node": 0.0, "read_side": 0.0, "workers": 0.0, "nats_server": 0.0}
+        for proc in [node, *node.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                cmdline = proc.cmdline()
+            except psutil.Error:
+                continue
+            if proc.pid == node.pid:
+                role = "node"
+            elif "projector" in cmdline:
+                role = "read_side"
+            elif "worker" in cmdline:
+                role = "workers"
+            elif any("nats-server" in part for part in cmdline[:1]):
+                role = "nats_server"
+            else:
+                continue
+            out[role] += times.user + times.system
+        return out
+
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(2)
@@ -91,6 +115,11 @@ class Node:
                 self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def _own_cpu() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
 
 
 async def wait_workers(client: PantheonClient, n: int) -> None:
@@ -228,7 +257,13 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}
             }
             print(f"throughput: {args.tasks:,} no-op python tasks ...", file=sys.stderr)
+            before, client_before = node.cpu_seconds(), _own_cpu()
             result["throughput"] = await throughput(client, args.tasks, args.window)
+            after, client_after = node.cpu_seconds(), _own_cpu()
+            cpu = {k: (after[k] - before[k]) * 1000 / args.tasks for k in after}
+            cpu["client"] = (client_after - client_before) * 1000 / args.tasks
+            cpu["total"] = sum(cpu.values())
+            result["cpu_ms_per_task"] = {k: round(v, 3) for k, v in cpu.items()}
             per_task, _tasks = await events_per_task(node.url, "pantheon", "default")
             result["events_per_task"] = round(per_task, 2)
             print(f"latency: {args.latency} tasks one after another ...", file=sys.stderr)
@@ -263,6 +298,9 @@ def render(r: dict[str, Any]) -> str:
             "   (target p50 < 3 ms, p99 < 6 ms)",
             f"  message delivery  p50 {msg['p50_ms']} ms, p99 {msg['p99_ms']} ms over {msg['n']} "
             "messages",
+            "  CPU per task      "
+            + ", ".join(f"{k} {v} ms" for k, v in r["cpu_ms_per_task"].items())
+            + "   (throughput run)",
         ]
     )
 
@@ -278,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=256, help="tasks each worker runs at once")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    logs.configure("warning")  # --json prints one document and nothing else
     with tempfile.TemporaryDirectory(prefix="pantheon-bench-tasks-") as tmp:
         result = asyncio.run(bench(args, Path(tmp)))
     print(
