@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import orjson
@@ -209,14 +210,24 @@ class EventRecord(NamedTuple):
     data: dict[str, Any]
 
 
+#: The envelope fields of an :class:`EventRecord` after ``seq``, as stored (one C call).
+_ENVELOPE = itemgetter(*EventRecord._fields[1:])
+_new_record = tuple.__new__
+
+
 def decode_record(payload: bytes, seq: int) -> EventRecord:
     """Parse an event for the read side (type checked, upcast, not model-validated)."""
     raw = _json_object(payload, seq)
-    # Fast path (a replay decodes every event): a known type at its current version.
+    # Fast path (a replay decodes every event): a known type at its current version,
+    # every envelope field present (encode() writes them all, causation_id included).
     name = raw.get("type")
     entry = REGISTRY._types.get(name) if type(name) is str else None
     if entry is None or raw.get("schema_version", 1) != entry.data_cls.schema_version:
         raw, _entry = REGISTRY.upcast(raw, seq)
+    try:
+        return _new_record(EventRecord, (seq, *_ENVELOPE(raw)))
+    except KeyError:
+        pass
     try:
         return EventRecord(
             seq,

@@ -75,12 +75,14 @@ class Table:
         return tuple(i for i, c in enumerate(self.columns) if c in self.json_columns)
 
     @cached_property
-    def _key_values(self) -> Callable[[Row], Any]:
-        return itemgetter(*self.key)
+    def _key_fn(self) -> Callable[[Row], Key]:
+        if len(self.key) > 1:
+            return itemgetter(*self.key)  # already a tuple
+        column = self.key[0]
+        return lambda row: (row[column],)
 
     def key_of(self, row: Row) -> Key:
-        value = self._key_values(row)
-        return (value,) if len(self.key) == 1 else tuple(value)
+        return self._key_fn(row)
 
     def to_params(self, row: Row) -> list[Any]:
         """The row as statement parameters, JSON columns as text (the projector's hot path)."""
@@ -122,7 +124,9 @@ class Batch:
             ) from None
 
     def put(self, table: Table, row: Row) -> None:
-        k = (table.name, table.key_of(row))
+        """Write ``row`` (it may be the very dict :meth:`get` returned, changed in place:
+        rows belong to their batch, each batch loads its own)."""
+        k = (table.name, table._key_fn(row))
         self.rows[k] = row
         self.dirty[k] = table
 

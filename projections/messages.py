@@ -143,13 +143,11 @@ class MessagesModel(ReadModel):
     kv_models = ((MAILBOXES, MODEL),)
 
     def _mailbox(self, uow: Batch, ev: EventRecord) -> Row:
+        # Changed in place when loaded: the row belongs to this batch.
         row = uow.get(MAILBOXES, (ev.tenant, ev.aggregate_id)) or _empty_mailbox(ev)
-        return {
-            **row,
-            "pending_by_priority": dict(row["pending_by_priority"]),
-            "updated_at": ev.occurred_at,
-            "last_seq": ev.seq,
-        }
+        row["updated_at"] = ev.occurred_at
+        row["last_seq"] = ev.seq
+        return row
 
     def _put_mailbox(self, uow: Batch, row: Row) -> None:
         uow.put(MAILBOXES, row)
@@ -215,9 +213,10 @@ class MessagesModel(ReadModel):
         for table, key in _listed(ev):
             row = uow.get(table, key)
             if row is not None:
-                uow.put(
-                    table, {**row, "status": status, column: ev.occurred_at, "last_seq": ev.seq}
-                )
+                row["status"] = status
+                row[column] = ev.occurred_at
+                row["last_seq"] = ev.seq
+                uow.put(table, row)
 
     @handles(MessagesDelivered, load=_listed_and_mailbox)
     def delivered(self, uow: Batch, ev: EventRecord) -> None:

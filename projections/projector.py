@@ -324,15 +324,18 @@ class Projector:
         return route
 
     async def _load(self, uow: Batch, events: list[EventRecord]) -> None:
-        wanted: dict[str, tuple[Table, set[Any]]] = {}
+        wanted: dict[Table, set[Any]] = {}
         routes = self._routes
         for event in events:
             route = routes.get(event.type) or self._route(event.type)
             for load in route[0]:
                 for table, key in load(event):
-                    wanted.setdefault(table.name, (table, set()))[1].add(key)
+                    keys = wanted.get(table)
+                    if keys is None:
+                        keys = wanted[table] = set()
+                    keys.add(key)
         assert self.db is not None
-        for table, keys in wanted.values():
+        for table, keys in wanted.items():
             by_prefix: dict[tuple[Any, ...], list[Any]] = {}
             for key in keys:
                 uow.rows[(table.name, key)] = None
