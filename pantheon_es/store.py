@@ -362,9 +362,15 @@ class EventStore:
 class EventFeed:
     """Ordered push consumer buffering raw messages, handed out in batches.
 
-    The callback waits while the buffer is full; nats-py then withholds the
-    flow-control reply, so the server pauses delivery: memory stays bounded
-    however long the replay.
+    Memory is bounded by pausing, not by flow control: nats-py 2.16 answers
+    JetStream flow control as soon as a message is received, so a callback
+    that waited for room would only fill the subscription's pending queue until
+    it overflowed (slow consumer: messages dropped, and an ordered consumer that
+    was seen not to recover). Instead the callback never waits: when the buffer
+    holds ``max_buffer`` events the feed unsubscribes, ignores whatever of that
+    subscription is still in flight, and once the reader has taken half of the
+    buffer it subscribes again from the sequence after the last one kept
+    (docs/decisions.md, "Bounded feeds").
     """
 
     def __init__(
@@ -373,14 +379,17 @@ class EventFeed:
         self._js = js
         self._stream = stream
         self._subject = subject
-        self._from_seq = max(1, from_seq)
-        self._max_buffer = max_buffer
+        self._last = max(1, from_seq) - 1  # the last stream sequence kept
+        self._max_buffer = max(1, max_buffer)
         self._buffer: list[RawEvent] = []
         self._ready = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
         self._sub: Any = None
+        self._generation = 0  # of the current subscription; older ones' messages are ignored
+        self._paused = False
+        self._dropping: asyncio.Task[None] | None = None
         self._closed = False
+        #: How many times the feed paused for a full buffer (for tests and benchmarks).
+        self.pauses = 0
 
     async def __aenter__(self) -> EventFeed:
         await self.start()
@@ -390,24 +399,51 @@ class EventFeed:
         await self.stop()
 
     async def start(self) -> None:
+        self._generation += 1
+        generation = self._generation
+
+        async def on_msg(msg: Msg) -> None:
+            if generation == self._generation and not self._paused:
+                self._keep(msg)
+
         self._sub = await self._js.subscribe(
             self._subject,
             stream=self._stream,
-            cb=self._on_msg,
+            cb=on_msg,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            config=ConsumerConfig(opt_start_seq=self._from_seq),
+            config=ConsumerConfig(opt_start_seq=self._last + 1),
             pending_msgs_limit=max(100_000, self._max_buffer * 4),
             pending_bytes_limit=512 * 1024 * 1024,
         )
 
-    async def _on_msg(self, msg: Msg) -> None:
-        while len(self._buffer) >= self._max_buffer and not self._closed:
-            self._space.clear()
-            await self._space.wait()
+    def _keep(self, msg: Msg) -> None:
         seq, timestamp_ns, pending = _ack_fields(msg.reply)
+        if seq <= self._last:
+            return  # an ordered-consumer reset may deliver again what was kept
+        self._last = seq
         self._buffer.append(RawEvent(seq, msg.subject, msg.data, timestamp_ns, pending))
         self._ready.set()
+        if len(self._buffer) >= self._max_buffer:
+            self._paused = True
+            self.pauses += 1
+            self._generation += 1  # what the old subscription still delivers is dropped
+            self._dropping = asyncio.get_running_loop().create_task(self._unsubscribe())
+
+    async def _unsubscribe(self) -> None:
+        old, self._sub = self._sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+
+    async def _resume(self) -> None:
+        """Subscribe again from the sequence after the last one kept."""
+        if self._dropping is not None:
+            await self._dropping
+            self._dropping = None
+        self._paused = False
+        if not self._closed:
+            await self.start()
 
     async def next_batch(
         self, max_items: int = 1000, timeout: float | None = None
@@ -422,7 +458,8 @@ class EventFeed:
                     await asyncio.wait_for(self._ready.wait(), timeout)
         batch = self._buffer[:max_items]
         del self._buffer[:max_items]
-        self._space.set()
+        if self._paused and len(self._buffer) <= self._max_buffer // 2 and not self._closed:
+            await self._resume()
         return batch
 
     async def batches(self, max_items: int = 1000) -> AsyncIterator[list[RawEvent]]:
@@ -433,12 +470,11 @@ class EventFeed:
 
     async def stop(self) -> None:
         self._closed = True
-        self._space.set()
         self._ready.set()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        if self._dropping is not None:
+            await self._dropping
+            self._dropping = None
+        await self._unsubscribe()
 
 
 class _WrongLastSequence(PantheonError):

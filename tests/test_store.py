@@ -211,11 +211,39 @@ async def test_feed_keeps_memory_bounded_by_its_buffer(store: EventStore) -> Non
         seen: list[int] = []
         while len(seen) < 300:
             batch = await feed.next_batch(max_items=1000, timeout=5)
-            assert len(batch) <= 51
+            assert len(batch) <= 50
             seen += [b.seq for b in batch]
             await asyncio.sleep(0)
 
     assert seen == sorted(seen) and len(set(seen)) == 300
+
+
+async def test_a_slow_reader_pauses_the_feed_and_loses_nothing(store: EventStore) -> None:
+    """The server pushes far more than the buffer while the reader sleeps: the feed pauses
+    (unsubscribes) and resumes after the last event kept, also on a filtered subject."""
+    expected = []
+    for i in range(600):
+        tenant = "slow" if i % 3 else "other"
+        seq = (
+            await store.append([submitted(ids.new_id(), tenant=tenant)], expected_seq=0)
+        ).last_seq
+        if tenant == "slow":
+            expected.append(seq)
+
+    subject = store.subjects.events("slow")
+    async with store.feed(from_seq=1, subject=subject, max_buffer=40) as feed:
+        seen: list[int] = []
+        while len(seen) < len(expected):
+            await asyncio.sleep(0.02)  # the loop is free: deliveries pile up meanwhile
+            assert len(feed._buffer) <= 40
+            batch = await feed.next_batch(max_items=15, timeout=5)
+            assert batch, f"stalled after {len(seen)} of {len(expected)}"
+            seen += [b.seq for b in batch]
+        assert feed.pauses >= 5
+        live = await store.append([submitted(ids.new_id(), tenant="slow")], expected_seq=0)
+        assert [b.seq for b in await feed.next_batch(timeout=5)] == [live.last_seq]
+
+    assert seen == expected
 
 
 async def test_stored_events_are_republished_as_notices_and_rejected_ones_are_not(
