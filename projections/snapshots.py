@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
+import shutil
 import sqlite3
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -56,6 +58,10 @@ class SnapshotInfo:
     created_at: str
     size: int
     stream_created: str | None
+    #: How the object is stored: "gzip" (level 1) or "raw" (snapshots made before compression).
+    encoding: str = "raw"
+    #: Bytes in the bucket (``size`` is the database's size).
+    stored_size: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +225,8 @@ def _parse(obj: str, description: str | None) -> SnapshotInfo | None:
             created_at=str(doc["created_at"]),
             size=int(doc["size"]),
             stream_created=doc.get("stream_created"),
+            encoding=str(doc.get("encoding", "raw")),
+            stored_size=int(doc.get("stored_size", doc["size"])),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         log.warning("ignoring an object that is not a snapshot", object=obj)
@@ -251,8 +259,10 @@ async def make_snapshot(
     if keep < 1:
         raise InvalidError("keep at least one snapshot (--keep >= 1)")
     tmp = db_path.with_name(f"{db_path.name}.snapshot-{os.getpid()}")
+    packed = tmp.with_name(tmp.name + ".gz")
     try:
         last, kv, digest = await asyncio.to_thread(copy_database, db_path, tmp, name)
+        size = tmp.stat().st_size
         # The stream's head after the copy: the projector may have applied more meanwhile.
         stream_created, head = await _stream_created(store)
         if last > head:
@@ -260,6 +270,8 @@ async def make_snapshot(
                 f"{db_path} is at sequence {last}, past the stream's last ({head}): "
                 "it belongs to another stream"
             )
+        await asyncio.to_thread(_gzip, tmp, packed)
+        os.replace(packed, tmp)
         info = SnapshotInfo(
             object=object_name(name, last),
             name=name,
@@ -267,15 +279,17 @@ async def make_snapshot(
             kv_seq=kv,
             digest=digest,
             created_at=datetime.now(UTC).isoformat(),
-            size=tmp.stat().st_size,
+            size=size,
             stream_created=stream_created,
+            encoding="gzip",
+            stored_size=tmp.stat().st_size,
         )
         snapshots = SnapshotStore(store)
         await snapshots.upload(tmp, info)
         pruned = await snapshots.prune(name, keep)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        for leftover in (tmp, packed):
+            leftover.unlink(missing_ok=True)
     log.info("snapshot made", object=info.object, last_seq=info.last_seq, size=info.size)
     return info, pruned
 
@@ -326,6 +340,15 @@ async def restore_snapshot(
     tmp = db_path.with_name(f"{db_path.name}.restore-{os.getpid()}")
     try:
         await SnapshotStore(store).download(info, tmp)
+        if info.encoding == "gzip":
+            packed = tmp.with_name(tmp.name + ".gz")
+            os.replace(tmp, packed)
+            try:
+                await asyncio.to_thread(_gunzip, packed, tmp)
+            finally:
+                packed.unlink(missing_ok=True)
+        elif info.encoding != "raw":
+            raise UnavailableError(f"snapshot {info.object}: unknown encoding {info.encoding!r}")
         last, _kv, have = await asyncio.to_thread(_checkpoint_of, tmp, name)
         if have != digest or last != info.last_seq:
             raise UnavailableError(
@@ -344,6 +367,20 @@ async def restore_snapshot(
         was_at=position,
     )
     return info
+
+
+def _gzip(src: Path, dest: Path) -> None:
+    """Compress ``src`` into ``dest`` (level 1: a read-model copy shrinks about 4x, fast)."""
+    with src.open("rb") as fin, gzip.open(dest, "wb", compresslevel=1) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _gunzip(src: Path, dest: Path) -> None:
+    try:
+        with gzip.open(src, "rb") as fin, dest.open("wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UnavailableError(f"snapshot download {src.name} is not valid gzip: {exc}") from None
 
 
 def _checkpoint_of(path: Path, name: str) -> tuple[int, int, str | None]:

@@ -55,6 +55,7 @@ async def test_empty_data_dir_restores_the_snapshot_applies_only_the_tail_and_eq
     snap, pruned = await make_snapshot(stack.store, stack.db_path)
     assert snap.last_seq == stack.projector.position and pruned == []
     assert snap.digest == current_digest() and snap.size > 0
+    assert snap.encoding == "gzip" and 0 < snap.stored_size < snap.size / 2  # stored compressed
     await activity(stack, 10, "after")  # the tail
     head = await stack.store.last_seq()
     assert head > snap.last_seq
