@@ -231,9 +231,10 @@ async def _with_log(
     models (docs/operations.md)."""
     if nats_url is None and (data_dir / "nats" / "store").is_dir():
         try:
-            discover(data_dir)
+            info = discover(data_dir)
         except UnavailableError:
             return await _offline(data_dir, tenant, root, fn, queries=queries)
+        nats_url, root = info["nats_url"], info.get("root", root)
     return await _with_client(nats_url, data_dir, tenant, root, fn)
 
 
@@ -1587,7 +1588,7 @@ def replay(
     file. See docs/operations.md, "Replay and verify".
     """
     from pantheon_es.node import tune_gc
-    from tools.replay import parse_time
+    from tools.events import parse_iso as parse_time
     from tools.replay import replay as run_replay
 
     if until_seq is not None and until is not None:
@@ -1858,11 +1859,11 @@ def whatif(
     (priority|fifo), aging_per_s, band, tenant_weights, fairness_weights, max_running_agents,
     concurrency_limits, max_running_per_tenant, tenant_max_running (docs/whatif.md).
     """
-    from datetime import datetime
 
     from rich.progress import Progress
 
     from pantheon_es.store import EventStore
+    from tools.events import parse_iso
     from tools.whatif import PolicyFileError, compare, load_policy, read_workload, tables
 
     if until is not None and until_seq is not None:
@@ -1874,13 +1875,9 @@ def whatif(
     cutoff = None
     if until is not None:
         try:
-            cutoff = datetime.fromisoformat(until)
-        except ValueError:
-            raise typer.BadParameter(
-                f"not an ISO 8601 time: {until!r}", param_hint="--until"
-            ) from None
-        if cutoff.tzinfo is None:
-            cutoff = cutoff.replace(tzinfo=UTC)
+            cutoff = parse_iso(until)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--until") from None
 
     async def main(client: PantheonClient) -> dict[str, Any]:
         store = EventStore(client.nc, client.subjects)

@@ -23,7 +23,8 @@ from pantheon_es.tasks import TaskSubmitted
 from projections.projector import default_models
 from tests.conftest import Cluster, python
 from tests.test_cli import run
-from tools.replay import parse_time, replay, seq_at_time
+from tools.events import parse_iso as parse_time
+from tools.replay import replay, seq_at_time
 from tools.verify import read_tables
 
 TABLES = [t for m in default_models() for t in m.tables]

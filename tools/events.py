@@ -14,15 +14,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import nats.errors
 import orjson
 
-from pantheon_es.errors import InvalidError, UnavailableError
-from pantheon_es.events import REGISTRY
+from pantheon_es.errors import InternalError, InvalidError, UnavailableError, UnknownEventTypeError
+from pantheon_es.events import REGISTRY, EventRecord, decode_record
 from pantheon_es.store import EventStore
 from pantheon_es.subjects import AGGREGATES, Subjects
 
@@ -39,12 +39,66 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
             seconds=float(ago.group(1)) * _UNITS[ago.group(2)]
         )
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return parse_iso(text)
     except ValueError:
         raise InvalidError(
             f"time {text!r}: use ISO 8601 (2026-11-24T08:00:00Z) or a span ago (15m, 2h, 1d)"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def parse_iso(text: str) -> datetime:
+    """An ISO 8601 time as an aware UTC datetime; a time without an offset is UTC.
+
+    Raises:
+        ValueError: ``text`` is not an ISO 8601 date or time.
+    """
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-24T09:30:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
+
+
+async def read_records(
+    store: EventStore,
+    from_seq: int,
+    to_seq: int,
+    *,
+    skip_unknown: bool = False,
+    timeout: float = 30.0,
+) -> AsyncGenerator[tuple[list[EventRecord], int], None]:
+    """The decoded events ``from_seq..to_seq`` of the whole log, batch by batch, each with
+    the sequence reached (for progress). Read-only: an ordered consumer.
+
+    An event type this build does not know raises :class:`UnknownEventTypeError` unless
+    ``skip_unknown``; bytes that are no event are an ``internal`` error naming the
+    sequence; a log that stops delivering before ``to_seq`` is ``unavailable``.
+    """
+    if from_seq > to_seq:
+        return
+    async with store.feed(from_seq=from_seq) as feed:
+        position = from_seq - 1
+        while position < to_seq:
+            batch = await feed.next_batch(2000, timeout=timeout)
+            if not batch:
+                raise UnavailableError(
+                    f"the log stopped delivering after sequence {position} (wanted {to_seq})"
+                )
+            records: list[EventRecord] = []
+            for raw in batch:
+                if raw.seq <= position or raw.seq > to_seq:
+                    continue
+                try:
+                    records.append(decode_record(raw.data, raw.seq))
+                except UnknownEventTypeError:
+                    if not skip_unknown:
+                        raise
+                except ValueError as exc:  # not JSON, or no envelope
+                    raise InternalError(str(exc), details={"seq": raw.seq}) from None
+            position = min(max(position, batch[-1].seq), to_seq)
+            yield records, position
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,21 +62,6 @@ class ReplaySummary:
             "until_seq": self.until_seq,
             "until": self.until,
         }
-
-
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 time as an aware UTC datetime; a time without an offset is UTC.
-
-    Raises:
-        ValueError: ``text`` is not an ISO 8601 date or time.
-    """
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-24T09:30:00Z)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC)
 
 
 async def head_seq(store: EventStore) -> int:

@@ -17,6 +17,7 @@ Nothing is written anywhere but a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
 import tempfile
@@ -30,15 +31,12 @@ import orjson
 
 from pantheon_es.errors import (
     ConflictError,
-    InternalError,
     NotFoundError,
-    UnavailableError,
-    UnknownEventTypeError,
 )
-from pantheon_es.events import EventRecord, decode_record
 from pantheon_es.store import EventStore
 from projections.base import Table
 from projections.projector import default_models, schema_digest
+from tools.events import read_records
 from tools.invariants import INVARIANTS, InvariantChecker, Violation
 from tools.replay import Progress, build_read_models, head_seq
 
@@ -251,29 +249,12 @@ async def check_log(
     progress: Progress | None = None,
 ) -> None:
     """Feed the checker the events ``from_seq..to_seq`` (the part no rebuild read)."""
-    if from_seq > to_seq:
-        return
-    async with store.feed(from_seq=from_seq) as feed:
-        position = from_seq - 1
-        while position < to_seq:
-            batch = await feed.next_batch(2000, timeout=10)
-            if not batch:
-                raise UnavailableError(f"the log stopped delivering after {position}")
-            records: list[EventRecord] = []
-            for raw in batch:
-                if raw.seq <= position or raw.seq > to_seq:
-                    continue
-                try:
-                    records.append(decode_record(raw.data, raw.seq))
-                except UnknownEventTypeError:
-                    if not skip_unknown:
-                        raise
-                except ValueError as exc:
-                    raise InternalError(str(exc)) from exc
-            checker.feed(records)
-            position = max(position, batch[-1].seq)
+    records = read_records(store, from_seq, to_seq, skip_unknown=skip_unknown, timeout=10)
+    async with contextlib.aclosing(records):
+        async for batch, position in records:
+            checker.feed(batch)
             if progress is not None:
-                progress(min(position, to_seq), to_seq)
+                progress(position, to_seq)
 
 
 async def verify(

@@ -17,6 +17,7 @@ What is modelled and what is not: docs/whatif.md.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -29,12 +30,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pantheon_es.errors import InternalError, InvalidError, UnavailableError
-from pantheon_es.events import EventRecord, decode_record
+from pantheon_es.errors import InvalidError
+from pantheon_es.events import EventRecord
 from pantheon_es.placement import Amount, Job, Key, Placement, Policy, Quota
 from pantheon_es.specs import PRIORITY_LEVELS
 from pantheon_es.store import EventStore
 from pantheon_es.workflow_file import read_document
+from tools.events import read_records
 
 # -- the policy file -----------------------------------------------------------------------------
 
@@ -349,27 +351,13 @@ async def read_workload(
     limit = until.timestamp() if until is not None else None
     if target < 1:
         return builder.finish()
-    async with store.feed(from_seq=1) as feed:
-        done = False
-        while not done:
-            batch = await feed.next_batch(2000, timeout=30.0)
-            if not batch:
-                raise UnavailableError(f"the log stopped delivering before sequence {target}")
-            for raw in batch:
-                if raw.seq > target:
-                    done = True
-                    break
-                try:
-                    record = decode_record(raw.data, raw.seq)
-                except ValueError as exc:  # not JSON, or no envelope: name the sequence
-                    raise InternalError(str(exc), details={"seq": raw.seq}) from None
+    records = read_records(store, 1, target)
+    async with contextlib.aclosing(records):
+        async for batch, _position in records:
+            for record in batch:
                 if limit is not None and _ts(record.occurred_at) > limit:
-                    done = True
-                    break
+                    return builder.finish()
                 builder.add(record)
-                if raw.seq >= target:
-                    done = True
-                    break
             if progress is not None:
                 progress(builder.last_seq, target)
     return builder.finish()
