@@ -422,9 +422,11 @@ class EventFeed:
         if seq <= self._last:
             return  # an ordered-consumer reset may deliver again what was kept
         self._last = seq
-        self._buffer.append(RawEvent(seq, msg.subject, msg.data, timestamp_ns, pending))
-        self._ready.set()
-        if len(self._buffer) >= self._max_buffer:
+        buffer = self._buffer
+        buffer.append(RawEvent(seq, msg.subject, msg.data, timestamp_ns, pending))
+        if len(buffer) == 1:  # a reader waits only on an empty buffer
+            self._ready.set()
+        if len(buffer) >= self._max_buffer:
             self._paused = True
             self.pauses += 1
             self._generation += 1  # what the old subscription still delivers is dropped

@@ -48,6 +48,18 @@ from projections.workflows import WorkflowsModel
 
 log = structlog.get_logger(__name__)
 
+
+def _null(value: None) -> None:
+    return None
+
+
+# The sqlite3 module binds None through its adaptation protocol, the slow path of any
+# type that is not exactly int, float, str or bytes: about 0.5 us a parameter, against
+# 0.2 us with an adapter registered (measured here). A task row binds some 25 NULLs,
+# so this saves a third of a row write (docs/decisions.md). Binding is unchanged:
+# the adapter returns None, which is bound as NULL. The registry is process-wide.
+sqlite3.register_adapter(type(None), _null)
+
 CHECKPOINT_DDL = """
 CREATE TABLE IF NOT EXISTS projector_checkpoint (
     name TEXT PRIMARY KEY,
