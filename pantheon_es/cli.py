@@ -82,6 +82,9 @@ Root = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document and nothing else.")]
 
 DEFAULT_DATA_DIR = Path(".pantheon")
+#: How long the read side of `pantheon up` lets a small batch wait for more events (a
+#: write per event on a 2-core host slows the command path; docs/decisions.md).
+DEFAULT_LINGER = 0.01
 
 # -- scheduling options of submit and spawn --------------------------------------------------------
 _SCHED = "Scheduling"
@@ -1168,6 +1171,15 @@ def projector(
     snapshot_every: Annotated[
         int, typer.Option(min=0, help="Snapshot the read models every N events (0: off).")
     ] = 0,
+    linger: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Seconds a small batch waits for more events before it is written, unless"
+            " a query waits for it (0: write at once).",
+        ),
+    ] = DEFAULT_LINGER,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """The read side (projector, queries, retention) as a process of its own; `up` starts it."""
@@ -1181,7 +1193,13 @@ def projector(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await run_read_side(
-            nats_url, root, data_dir, retention, stop, snapshot_every=snapshot_every or None
+            nats_url,
+            root,
+            data_dir,
+            retention,
+            stop,
+            snapshot_every=snapshot_every or None,
+            linger=linger,
         )
 
     _run(main())

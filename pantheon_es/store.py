@@ -458,6 +458,10 @@ class EventFeed:
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._ready.wait(), timeout)
+        return await self.take(max_items)
+
+    async def take(self, max_items: int = 1000) -> list[RawEvent]:
+        """Up to ``max_items`` of the events already received, without waiting for more."""
         batch = self._buffer[:max_items]
         del self._buffer[:max_items]
         if self._paused and len(self._buffer) <= self._max_buffer // 2 and not self._closed:

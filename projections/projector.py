@@ -33,7 +33,7 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from pantheon_es.errors import UnknownEventTypeError
 from pantheon_es.events import EventRecord, decode_record
-from pantheon_es.store import EventStore, RawEvent
+from pantheon_es.store import EventFeed, EventStore, RawEvent
 from projections.base import Batch, BoundHandler, Loader, ReadModel, Row, Table
 from projections.messages import MessagesModel
 from projections.snapshots import (
@@ -145,6 +145,7 @@ class Projector:
         skip_unknown: bool = False,
         snapshots: bool = False,
         restore_gap: int = DEFAULT_RESTORE_GAP,
+        linger: float = 0.0,
     ) -> None:
         self.store = store
         self.db_path = Path(db_path)
@@ -156,6 +157,11 @@ class Projector:
         #: Restore the newest snapshot at open() when the database is missing or far behind.
         self.snapshots = snapshots
         self.restore_gap = restore_gap
+        #: Live, a batch smaller than ``batch_size`` waits up to this many seconds for more
+        #: events unless a reader waits for them (docs/decisions.md, "The read side lingers").
+        self.linger = linger
+        self._hurry = asyncio.Event()
+        self._urgent = 0  # readers in wait_for(..., hurry=True)
         #: The snapshot open() restored, if any.
         self.restored: SnapshotInfo | None = None
         self.position = 0  # last applied stream sequence
@@ -233,10 +239,22 @@ class Projector:
                 log.info("projector running", from_seq=self.position + 1, db=str(self.db_path))
                 while not self._stopping:
                     batch = await feed.next_batch(self.batch_size)
+                    if self.linger and len(batch) < self.batch_size:
+                        batch += await self._linger(feed, self.batch_size - len(batch))
                     if batch and not self._stopping:
                         await self.apply(batch)
         finally:
             self._run_finished.set()
+
+    async def _linger(self, feed: EventFeed, room: int) -> list[RawEvent]:
+        """Wait up to ``linger`` for more events, unless a reader waits (then at once)."""
+        if self._urgent or self._stopping:
+            return []
+        self._hurry.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.linger):
+                await self._hurry.wait()
+        return await feed.take(room)
 
     async def catch_up(self, until_seq: int | None = None, progress: Any = None) -> int:
         """Apply the log up to ``until_seq`` (default: the stream's last sequence now)."""
@@ -259,6 +277,7 @@ class Projector:
     async def shutdown(self) -> None:
         """Finish the batch in hand, flush KV writes, close the database. Idempotent."""
         self._stopping = True
+        self._hurry.set()
         if self._feed is not None:
             await self._feed.stop()
         with contextlib.suppress(TimeoutError):
@@ -272,17 +291,29 @@ class Projector:
                 self.db.close()
             self.db = None
 
-    async def wait_for(self, seq: int, timeout: float = 5.0) -> bool:
-        """Wait until events up to ``seq`` are applied; False on timeout."""
+    async def wait_for(self, seq: int, timeout: float = 5.0, *, hurry: bool = True) -> bool:
+        """Wait until events up to ``seq`` are applied; False on timeout.
+
+        ``hurry``: the projector stops lingering until then (a reader is waiting).
+        """
+        if self.position >= seq:
+            return True
         deadline = time.monotonic() + timeout
-        while self.position < seq:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._advanced.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._advanced.wait(), remaining)
-        return True
+        if hurry:
+            self._urgent += 1
+            self._hurry.set()
+        try:
+            while self.position < seq:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._advanced.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._advanced.wait(), remaining)
+            return True
+        finally:
+            if hurry:
+                self._urgent -= 1
 
     # -- applying --------------------------------------------------------------------------------
     def _decode(self, raw: Sequence[RawEvent]) -> list[EventRecord]:

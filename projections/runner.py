@@ -52,12 +52,15 @@ class ReadSide:
         retention: float | None = None,
         commands: Any = None,
         snapshot_every: int | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.store = store
         #: Make a snapshot each time this many more events are applied (None: never).
         self.snapshot_every = snapshot_every
         self._snapshotter: asyncio.Task[None] | None = None
-        self.projector = Projector(store, db_path, batch_size=batch_size, snapshots=True)
+        self.projector = Projector(
+            store, db_path, batch_size=batch_size, snapshots=True, linger=linger
+        )
         self.query = QueryService(store.nc, store, self.projector)
         self.retention = retention
         self.commands = commands
@@ -93,7 +96,7 @@ class ReadSide:
         projector = self.projector
         done = projector.position
         while True:
-            while not await projector.wait_for(done + every, timeout=3600):
+            while not await projector.wait_for(done + every, timeout=3600, hurry=False):
                 pass
             try:
                 info, _pruned = await make_snapshot(self.store, projector.db_path)
@@ -121,6 +124,7 @@ async def run_read_side(
     stop: asyncio.Event,
     grace: float = 15.0,
     snapshot_every: int | None = None,
+    linger: float = 0.0,
 ) -> None:
     """The `pantheon projector` process: the read side until ``stop`` is set.
 
@@ -129,7 +133,7 @@ async def run_read_side(
     """
     running = asyncio.Event()
     main = asyncio.create_task(
-        _read_side(nats_url, root, data_dir, retention, stop, running, snapshot_every)
+        _read_side(nats_url, root, data_dir, retention, stop, running, snapshot_every, linger)
     )
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -156,6 +160,7 @@ async def _read_side(
     stop: asyncio.Event,
     running: asyncio.Event,
     snapshot_every: int | None = None,
+    linger: float = 0.0,
 ) -> None:
     nc = await nats.connect(
         nats_url,
@@ -166,7 +171,11 @@ async def _read_side(
     store = EventStore(nc, Subjects(root), StoreConfig())
     await store.provision()
     side = ReadSide(
-        store, data_dir / "projections.db", retention=retention, snapshot_every=snapshot_every
+        store,
+        data_dir / "projections.db",
+        retention=retention,
+        snapshot_every=snapshot_every,
+        linger=linger,
     )
     await side.start()
     log.info("read side running", db=str(data_dir / "projections.db"))

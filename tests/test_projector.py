@@ -15,11 +15,14 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
+from pantheon_es.client import PantheonClient
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.errors import InvalidError, NotFoundError, UnknownEventTypeError
+from pantheon_es.service import CommandService, ServiceConfig
 from pantheon_es.store import EventStore
 from pantheon_es.subjects import Subjects
 from projections.projector import Projector, dump_tables, rebuild
+from projections.query import QueryService
 from projections.tasks import TASKS
 from tests.conftest import Stack, eventually, start_stack, stop_stack
 
@@ -265,3 +268,50 @@ async def test_kv_deletion_lost_in_a_crash_is_redone_at_restart(
     with pytest.raises(nats.js.errors.KeyNotFoundError):
         await kv.get(key)
     assert orjson.loads((await kv.get(f"default.task.{kept}")).value)["status"] == "cancelled"
+
+
+async def _lingering(
+    nc: NATS, store: EventStore, tmp_path: Path, linger: float
+) -> tuple[Stack, asyncio.Task[None], list[int]]:
+    """A stack whose projector lingers; the returned list gets each applied batch's size."""
+    service = CommandService(nc, store, ServiceConfig())
+    await service.start()
+    projector = Projector(store, tmp_path / "lingering.db", linger=linger)
+    await projector.open()
+    sizes: list[int] = []
+    projector.sinks.append(lambda batch: sizes.append(len(batch)))
+    run = asyncio.create_task(projector.run())
+    query = QueryService(nc, store, projector)
+    await query.start()
+    client = PantheonClient(nc, subjects=store.subjects, timeout=10)
+    return Stack(nc, store, service, projector, query, client, projector.db_path), run, sizes
+
+
+async def test_a_lingering_projector_writes_events_close_together_as_one_batch(
+    nc: NATS, store: EventStore, tmp_path: Path
+) -> None:
+    stack, run, sizes = await _lingering(nc, store, tmp_path, linger=2.0)
+    try:
+        await submit_many(stack, 3)  # one after another, each well inside the linger
+        head = await store.last_seq()
+        assert await stack.projector.wait_for(head, timeout=10, hurry=False)
+        assert sizes == [3]
+    finally:
+        await stop_stack(stack, run)
+
+
+async def test_a_waiting_reader_cuts_the_linger_short(
+    nc: NATS, store: EventStore, tmp_path: Path
+) -> None:
+    stack, run, sizes = await _lingering(nc, store, tmp_path, linger=60.0)
+    try:
+        (tid,) = await submit_many(stack, 1)
+        # A query waits for the stream's last sequence: it must not wait out the linger
+        # (its consistency timeout is far shorter than 60 s).
+        assert (await stack.client.get_task(tid))["status"] == "pending"
+        assert await stack.projector.wait_for(await store.last_seq(), timeout=5)
+        (tid2,) = await submit_many(stack, 1)
+        assert (await stack.client.get_task(tid2))["id"] == tid2
+        assert sizes == [1, 1]
+    finally:
+        await asyncio.wait_for(stop_stack(stack, run), 10)  # shutdown cuts it short too
