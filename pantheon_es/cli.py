@@ -1606,13 +1606,13 @@ def replay(
     file. See docs/operations.md, "Replay and verify".
     """
     from pantheon_es.node import tune_gc
-    from tools.events import parse_iso as parse_time
+    from tools.events import parse_iso
     from tools.replay import replay as run_replay
 
     if until_seq is not None and until is not None:
         raise typer.BadParameter("give --until-seq or --until, not both")
     try:
-        when = parse_time(until) if until is not None else None
+        when = parse_iso(until) if until is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--until") from None
     if out_file.exists() and not force:
