@@ -442,6 +442,16 @@ def up(
             "see `pantheon snapshot`).",
         ),
     ] = 0,
+    read_linger: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Seconds the read side lets a small batch wait for more events before it "
+            "writes it, unless a query waits for it (0: write at once; fewer, larger "
+            "transactions under load).",
+        ),
+    ] = DEFAULT_LINGER,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run a node: NATS, command service, projections, scheduler and local workers.
@@ -488,6 +498,7 @@ def up(
         retention=retention * 60 if retention is not None else None,
         leader_ttl=leader_ttl,
         snapshot_every=snapshot_every or None,
+        read_linger=read_linger,
     )
 
     async def main() -> None:

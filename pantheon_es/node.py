@@ -77,6 +77,9 @@ class NodeConfig:
     retention: float | None = None
     #: The read side snapshots its read models every this many events (None: never).
     snapshot_every: int | None = None
+    #: With the read side in its own process: seconds a small batch waits for more events
+    #: unless a query waits (None: that process's default, `pantheon projector --linger`).
+    read_linger: float | None = None
     #: Scheduler leadership lease, seconds (0: no election; this node always schedules).
     leader_ttl: float = 5.0
 
@@ -198,7 +201,12 @@ class Node:
             await restore_snapshot(self.store, self.db_path, digest=current_digest())
             await self.children.add(
                 read_side_child(
-                    self.nats_url, cfg.root, cfg.data_dir, cfg.retention, cfg.snapshot_every
+                    self.nats_url,
+                    cfg.root,
+                    cfg.data_dir,
+                    cfg.retention,
+                    cfg.snapshot_every,
+                    linger=cfg.read_linger,
                 )
             )
             position = await asyncio.to_thread(

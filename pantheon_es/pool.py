@@ -144,6 +144,8 @@ def read_side_child(
     data_dir: Path,
     retention: float | None,
     snapshot_every: int | None = None,
+    *,
+    linger: float | None = None,
 ) -> Child:
     argv = _cli(
         "projector", "--nats-url", nats_url, "--namespace", root, "--data-dir", str(data_dir)
@@ -152,4 +154,6 @@ def read_side_child(
         argv += ["--retention", str(retention)]
     if snapshot_every:
         argv += ["--snapshot-every", str(snapshot_every)]
+    if linger is not None:
+        argv += ["--linger", str(linger)]
     return Child("read-side", argv)

@@ -47,7 +47,7 @@ from pantheon_es.errors import (
 from pantheon_es.events import REGISTRY, Event, EventRecord
 from pantheon_es.placement import Amount, Job, Placement, Policy
 from pantheon_es.service import CommandService
-from pantheon_es.specs import Resources, SchedulingOptions
+from pantheon_es.specs import OPTION_FIELDS, Resources, SchedulingOptions
 from pantheon_es.subjects import Subjects
 from pantheon_es.tasks import (
     LIVE,
@@ -74,7 +74,7 @@ from pantheon_es.workflows import (
     StartWorkflow,
     WorkflowState,
 )
-from projections.tasks import LIVE_CONDITION as TASKS_LIVE
+from projections.tasks import LIVE_ROWS_FROM as TASKS_LIVE_ROWS
 from projections.workflows import LIVE_CONDITION as WORKFLOWS_LIVE
 
 log = structlog.get_logger(__name__)
@@ -240,11 +240,10 @@ def _submitted_state(record: EventRecord) -> TaskState:
 
 
 _DEFAULT_OPTIONS = SchedulingOptions()
-_OPTION_FIELDS = tuple(SchedulingOptions.model_fields)
 
 
 def _options(data: dict[str, Any]) -> SchedulingOptions:
-    found = {k: data[k] for k in _OPTION_FIELDS if data.get(k) is not None}
+    found = {k: data[k] for k in OPTION_FIELDS if data.get(k) is not None}
     if not found:
         return _DEFAULT_OPTIONS
     return _SHARED.get(("o", _json_key(found)), lambda: SchedulingOptions.model_validate(found))  # type: ignore[no-any-return]
@@ -331,7 +330,7 @@ class Scheduler:
             "worker_tenant, "
             "task_seq, options, pending_since, blocked_reason, not_before, attempts_base, "
             "workflow_id, node, depends_on "
-            f"FROM tasks INDEXED BY tasks_live WHERE {TASKS_LIVE} ORDER BY id"
+            f"FROM {TASKS_LIVE_ROWS} ORDER BY id"
         ).fetchall()
         self._bootstrap_workflows(db)
         workers = db.execute(
@@ -956,10 +955,11 @@ class Scheduler:
         wf = self.workflows.get(key)
         if record.type == "WorkflowCreated":
             if wf is None:
-                state = WORKFLOW.evolve(None, self._typed(record))
+                created = self._typed(record)
+                state = WORKFLOW.evolve(None, created)
                 self.workflows[key] = LiveWorkflow.of(record.tenant, state, record.seq)
                 if self._resumed and self.active:
-                    self._spawn(self._materialize(record.tenant, record.aggregate_id))
+                    self._spawn(self._materialize(record.tenant, record.aggregate_id, created))
             return
         if wf is None or record.seq <= wf.seq:
             return
@@ -990,15 +990,26 @@ class Scheduler:
                     self._decide(task, CancelTask(task_id=task_id, reason=self._why_stop(wf)))
             self._check_finished(wf)
 
-    async def _materialize(self, tenant: str, workflow_id: str) -> None:
-        """Create every node's task (an existing one is a harmless conflict), then start."""
-        history = await self.service.store.read_aggregate(tenant, "workflow", workflow_id)
-        if not history:
-            return
-        created = history[0].event
+    async def _materialize(
+        self, tenant: str, workflow_id: str, created: Event[Any] | None = None
+    ) -> None:
+        """Create every node's task (an existing one is a harmless conflict), then start.
+
+        ``created``: the WorkflowCreated event when the caller has it (live); after a
+        restart it is read from the log.
+        """
+        if created is None:
+            history = await self.service.store.read_aggregate(tenant, "workflow", workflow_id)
+            if not history:
+                return
+            created = history[0].event
         gate = asyncio.Semaphore(32)
 
         async def submit(node: NodeSpec) -> None:
+            async with gate:  # validated in turn: the first node's task is created first
+                await create(node)
+
+        async def create(node: NodeSpec) -> None:
             command = SubmitWorkflowTask.model_validate(
                 {
                     **node.spec,
@@ -1011,9 +1022,8 @@ class Scheduler:
                     "actor": created.actor,
                 }
             )
-            async with gate:
-                with contextlib.suppress(ConflictError):  # created by an earlier run
-                    await self.service.execute(tenant, command, known=(None, 0))
+            with contextlib.suppress(ConflictError):  # created by an earlier run
+                await self.service.execute(tenant, command, known=(None, 0))
 
         try:
             await asyncio.gather(*(submit(n) for n in created.data.nodes))

@@ -201,10 +201,13 @@ class SchedulingOptions(Frozen):
 
     def options(self) -> SchedulingOptions:
         """Just the scheduling options of a model that has them among other fields."""
-        values = {k: getattr(self, k) for k in SchedulingOptions.model_fields}
+        values = {k: getattr(self, k) for k in OPTION_FIELDS}
         if all(v is None for v in values.values()):
             return _NO_OPTIONS  # most tasks: one shared frozen instance, no validation
         return SchedulingOptions.model_validate(values)
 
 
 _NO_OPTIONS = SchedulingOptions()
+#: The scheduling option names, once: ``Model.model_fields`` read on the class goes
+#: through a pydantic descriptor that costs microseconds per access (a hot path here).
+OPTION_FIELDS: tuple[str, ...] = tuple(SchedulingOptions.model_fields)

@@ -208,14 +208,19 @@ async def paged(
     order: str,
     limit: int,
     offset: int,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """``page()`` of the rows of ``table`` matching ``cond``: a count, then one page."""
-    async with db.execute(f"SELECT count(*) FROM {table.name} WHERE {cond}", params) as cur:
+    """``page()`` of the rows of ``table`` matching ``cond``: a count, then one page.
+
+    ``source``: the FROM clause when not just the table (e.g. naming an index).
+    """
+    source = source or table.name
+    async with db.execute(f"SELECT count(*) FROM {source} WHERE {cond}", params) as cur:
         row = await cur.fetchone()
         total = int(row[0]) if row else 0
     cols = ", ".join(table.columns)
     async with db.execute(
-        f"SELECT {cols} FROM {table.name} WHERE {cond} ORDER BY {order} LIMIT ? OFFSET ?",
+        f"SELECT {cols} FROM {source} WHERE {cond} ORDER BY {order} LIMIT ? OFFSET ?",
         [*params, limit, offset],
     ) as cur:
         rows = [table.from_db(r) for r in await cur.fetchall()]

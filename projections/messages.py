@@ -113,6 +113,11 @@ MAILBOXES = Table(
 )
 
 
+#: Priority names in order and their ranks, by name (an enum lookup per event costs more).
+_PRIORITIES = tuple(p.value for p in MessagePriority)
+_RANK_OF = {p.value: rank for p, rank in RANK.items()}
+
+
 def _listed(ev: EventRecord) -> list[tuple[Table, Key]]:
     return [(MESSAGES, (ev.tenant, message_id)) for message_id in ev.data["message_ids"]]
 
@@ -126,7 +131,7 @@ def _empty_mailbox(ev: EventRecord) -> Row:
         "id": ev.aggregate_id,
         "tenant": ev.tenant,
         "pending": 0,
-        "pending_by_priority": {p.value: 0 for p in MessagePriority},
+        "pending_by_priority": dict.fromkeys(_PRIORITIES, 0),
         "unread": 0,
         "total": 0,
         "last_message": None,
@@ -197,7 +202,7 @@ class MessagesModel(ReadModel):
                 "recipient": ev.aggregate_id,
                 "sender": d["sender"],
                 "priority": d["priority"],
-                "priority_rank": RANK[MessagePriority(d["priority"])],
+                "priority_rank": _RANK_OF[d["priority"]],
                 "type": d["type"],
                 "body": d["body"],
                 "status": "pending",

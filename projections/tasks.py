@@ -19,7 +19,7 @@ from pantheon_es import ids
 from pantheon_es.errors import NotFoundError
 from pantheon_es.events import EventRecord
 from pantheon_es.mailbox import MessagesDelivered, MessageSent
-from pantheon_es.specs import SchedulingOptions, priority_name
+from pantheon_es.specs import OPTION_FIELDS, priority_name
 from pantheon_es.tasks import (
     LeaseExpired,
     LeaseGranted,
@@ -54,9 +54,22 @@ from projections.base import (
 
 MODEL = "task"
 LIVE = ("pending", "leased", "running")
-#: The live rows, written exactly as the partial index ``tasks_live`` says it, so that
-#: SQLite uses the index: the scheduler's start-up reads them without scanning history.
 LIVE_CONDITION = "status IN ('pending', 'leased', 'running')"
+#: Agents are read through their partial index; the condition must say
+#: ``executor_kind = 'agent'`` literally for SQLite to accept it.
+AGENT_ROWS = "tasks INDEXED BY tasks_agents"
+#: The live rows of every tenant through ``tasks_tenant_status``, without scanning the
+#: history: the tenants by a loose index scan (one seek each), then per tenant the three
+#: live status ranges. The scheduler's start-up reads these (docs/decisions.md).
+LIVE_ROWS_FROM = f"""
+    (WITH RECURSIVE tenants(t) AS (
+        SELECT min(tenant) FROM tasks
+        UNION ALL
+        SELECT (SELECT min(tenant) FROM tasks WHERE tenant > t) FROM tenants WHERE t IS NOT NULL
+    )
+    SELECT tasks.* FROM tenants JOIN tasks INDEXED BY tasks_tenant_status ON tasks.tenant = t
+    WHERE {LIVE_CONDITION})
+"""
 FINISHED = ("completed", "failed", "cancelled", "timed_out", "skipped")
 #: A live agent with no activity for this long counts as idle in summaries.
 IDLE_AFTER_S = 300.0
@@ -179,11 +192,10 @@ TASKS = Table(
         PRIMARY KEY (tenant, id)
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS tasks_tenant_status ON tasks (tenant, status, id);
-    CREATE INDEX IF NOT EXISTS tasks_tenant_kind ON tasks (tenant, executor_kind, status);
+    CREATE INDEX IF NOT EXISTS tasks_agents ON tasks (tenant, id, status)
+        WHERE executor_kind = 'agent';
     CREATE INDEX IF NOT EXISTS tasks_workflow ON tasks (tenant, workflow_id)
         WHERE workflow_id IS NOT NULL;
-    CREATE INDEX IF NOT EXISTS tasks_live ON tasks (id)
-        WHERE status IN ('pending', 'leased', 'running');
     """,
 )
 
@@ -252,9 +264,7 @@ class TasksModel(ReadModel):
                 "actor": ev.actor,
                 "correlation_id": ev.correlation_id,
                 "idempotency_key": d.get("idempotency_key"),
-                "options": {
-                    k: d[k] for k in SchedulingOptions.model_fields if d.get(k) is not None
-                },
+                "options": {k: d[k] for k in OPTION_FIELDS if d.get(k) is not None},
                 "pending_since": at,
                 "blocked_reason": "dependency_unmet" if d.get("depends_on") else None,
                 "blocked_details": {"depends_on": d["depends_on"]} if d.get("depends_on") else None,
@@ -572,8 +582,10 @@ def _where(tenant: str, query: ListTasks) -> tuple[str, list[Any]]:
 async def list_tasks(db: aiosqlite.Connection, tenant: str, query: ListTasks) -> dict[str, Any]:
     cond, params = _where(tenant, query)
     order = "id DESC" if query.order == "newest" else "id ASC"
+    # Agents through their partial index (tasks are the many; agents the few).
+    source = AGENT_ROWS if query.kind == "agent" else None
     result = await paged(
-        db, TASKS, cond, params, order=order, limit=query.limit, offset=query.offset
+        db, TASKS, cond, params, order=order, limit=query.limit, offset=query.offset, source=source
     )
     now = datetime.now(UTC)
     result["items"] = [with_derived(row, now) for row in result["items"]]
@@ -603,7 +615,7 @@ async def monitor(db: aiosqlite.Connection, tenant: str, query: Monitor) -> dict
     """Agents at a glance: totals by status, and each agent's task, status and times."""
     totals = {s.value: 0 for s in TaskStatus}
     async with db.execute(
-        "SELECT status, count(*) FROM tasks WHERE tenant = ? AND executor_kind = 'agent' "
+        f"SELECT status, count(*) FROM {AGENT_ROWS} WHERE tenant = ? AND executor_kind = 'agent' "
         "GROUP BY status",
         (tenant,),
     ) as cur:
@@ -612,7 +624,7 @@ async def monitor(db: aiosqlite.Connection, tenant: str, query: Monitor) -> dict
     cols = ", ".join(TASKS.columns)
     now = datetime.now(UTC)
     async with db.execute(
-        f"SELECT {cols} FROM tasks WHERE tenant = ? AND executor_kind = 'agent' "
+        f"SELECT {cols} FROM {AGENT_ROWS} WHERE tenant = ? AND executor_kind = 'agent' "
         "ORDER BY id DESC LIMIT ?",
         (tenant, query.limit),
     ) as cur:

@@ -263,3 +263,22 @@ def test_up_with_nats_url_joins_an_existing_server_and_leaves_it_running(tmp_pat
             assert task_id in cli("events", "--json").stdout
         finally:
             proc.kill()
+
+
+def test_up_hands_read_linger_to_its_read_side(tmp_path: Path) -> None:
+    import psutil
+
+    node = Up(tmp_path / "node", "--workers", "0", "--read-linger", "0.5").start()
+    try:
+        assert node.proc is not None
+        children = psutil.Process(node.proc.pid).children(recursive=True)
+        read_side = [c.cmdline() for c in children if "projector" in c.cmdline()]
+        assert len(read_side) == 1, [c.cmdline() for c in children]
+        argv = read_side[0]
+        assert argv[argv.index("--linger") + 1] == "0.5"
+        # A status right after a submit waits for that read side (which then stops lingering).
+        task_id = run("submit", "lingered", "--", "true", data_dir=node.data_dir).stdout.strip()
+        shown = json.loads(run("status", task_id, "--json", data_dir=node.data_dir).stdout)
+        assert shown["name"] == "lingered"
+    finally:
+        node.kill()
