@@ -1007,23 +1007,20 @@ class Scheduler:
 
         async def submit(node: NodeSpec) -> None:
             async with gate:  # validated in turn: the first node's task is created first
-                await create(node)
-
-        async def create(node: NodeSpec) -> None:
-            command = SubmitWorkflowTask.model_validate(
-                {
-                    **node.spec,
-                    "name": node.name,
-                    "task_id": node.task_id,
-                    "workflow_id": workflow_id,
-                    "node": node.name,
-                    "depends_on": node.depends_on,
-                    "correlation_id": created.correlation_id,
-                    "actor": created.actor,
-                }
-            )
-            with contextlib.suppress(ConflictError):  # created by an earlier run
-                await self.service.execute(tenant, command, known=(None, 0))
+                command = SubmitWorkflowTask.model_validate(
+                    {
+                        **node.spec,
+                        "name": node.name,
+                        "task_id": node.task_id,
+                        "workflow_id": workflow_id,
+                        "node": node.name,
+                        "depends_on": node.depends_on,
+                        "correlation_id": created.correlation_id,
+                        "actor": created.actor,
+                    }
+                )
+                with contextlib.suppress(ConflictError):  # created by an earlier run
+                    await self.service.execute(tenant, command, known=(None, 0))
 
         try:
             await asyncio.gather(*(submit(n) for n in created.data.nodes))

@@ -55,8 +55,9 @@ from projections.base import (
 MODEL = "task"
 LIVE = ("pending", "leased", "running")
 LIVE_CONDITION = "status IN ('pending', 'leased', 'running')"
-#: Agents are read through their partial index; the condition must say
-#: ``executor_kind = 'agent'`` literally for SQLite to accept it.
+#: Agents are read through their partial index; a query must state its condition
+#: literally (AGENT_CONDITION) for SQLite to accept it.
+AGENT_CONDITION = "executor_kind = 'agent'"
 AGENT_ROWS = "tasks INDEXED BY tasks_agents"
 #: The live rows of every tenant through ``tasks_tenant_status``, without scanning the
 #: history: the tenants by a loose index scan (one seek each), then per tenant the three
@@ -560,7 +561,7 @@ def _where(tenant: str, query: ListTasks) -> tuple[str, list[Any]]:
         where.append(f"status IN ({', '.join('?' for _ in query.status)})")
         params += [s.value for s in query.status]
     if query.kind == "agent":
-        where.append("executor_kind = 'agent'")
+        where.append(AGENT_CONDITION)
     elif query.kind == "task":
         where.append("executor_kind != 'agent'")
     if query.workflow_id is not None:
@@ -615,7 +616,7 @@ async def monitor(db: aiosqlite.Connection, tenant: str, query: Monitor) -> dict
     """Agents at a glance: totals by status, and each agent's task, status and times."""
     totals = {s.value: 0 for s in TaskStatus}
     async with db.execute(
-        f"SELECT status, count(*) FROM {AGENT_ROWS} WHERE tenant = ? AND executor_kind = 'agent' "
+        f"SELECT status, count(*) FROM {AGENT_ROWS} WHERE tenant = ? AND {AGENT_CONDITION} "
         "GROUP BY status",
         (tenant,),
     ) as cur:
@@ -624,7 +625,7 @@ async def monitor(db: aiosqlite.Connection, tenant: str, query: Monitor) -> dict
     cols = ", ".join(TASKS.columns)
     now = datetime.now(UTC)
     async with db.execute(
-        f"SELECT {cols} FROM {AGENT_ROWS} WHERE tenant = ? AND executor_kind = 'agent' "
+        f"SELECT {cols} FROM {AGENT_ROWS} WHERE tenant = ? AND {AGENT_CONDITION} "
         "ORDER BY id DESC LIMIT ?",
         (tenant, query.limit),
     ) as cur:

@@ -112,11 +112,16 @@ class Stack:
 
 
 async def start_stack(
-    nc: NATS, store: EventStore, db_path: Path, service_config: ServiceConfig | None = None
+    nc: NATS,
+    store: EventStore,
+    db_path: Path,
+    service_config: ServiceConfig | None = None,
+    *,
+    linger: float = 0.0,
 ) -> tuple[Stack, asyncio.Task[None]]:
     service = CommandService(nc, store, service_config or ServiceConfig())
     await service.start()
-    projector = Projector(store, db_path, batch_size=200)
+    projector = Projector(store, db_path, batch_size=200, linger=linger)
     await projector.open()
     run = asyncio.create_task(projector.run())
     query = QueryService(nc, store, projector)

@@ -15,14 +15,11 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
-from pantheon_es.client import PantheonClient
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.errors import InvalidError, NotFoundError, UnknownEventTypeError
-from pantheon_es.service import CommandService, ServiceConfig
 from pantheon_es.store import EventStore
 from pantheon_es.subjects import Subjects
 from projections.projector import Projector, dump_tables, rebuild
-from projections.query import QueryService
 from projections.tasks import TASKS
 from tests.conftest import Stack, eventually, start_stack, stop_stack
 
@@ -274,17 +271,10 @@ async def _lingering(
     nc: NATS, store: EventStore, tmp_path: Path, linger: float
 ) -> tuple[Stack, asyncio.Task[None], list[int]]:
     """A stack whose projector lingers; the returned list gets each applied batch's size."""
-    service = CommandService(nc, store, ServiceConfig())
-    await service.start()
-    projector = Projector(store, tmp_path / "lingering.db", linger=linger)
-    await projector.open()
+    stack, run = await start_stack(nc, store, tmp_path / "lingering.db", linger=linger)
     sizes: list[int] = []
-    projector.sinks.append(lambda batch: sizes.append(len(batch)))
-    run = asyncio.create_task(projector.run())
-    query = QueryService(nc, store, projector)
-    await query.start()
-    client = PantheonClient(nc, subjects=store.subjects, timeout=10)
-    return Stack(nc, store, service, projector, query, client, projector.db_path), run, sizes
+    stack.projector.sinks.append(lambda batch: sizes.append(len(batch)))
+    return stack, run, sizes
 
 
 async def test_a_lingering_projector_writes_events_close_together_as_one_batch(

@@ -9,25 +9,23 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pantheon_es.events import decode_record, encode
+from projections.base import Batch
 from projections.projector import open_writer
-from projections.tasks import AGENT_ROWS, LIVE, LIVE_ROWS_FROM, TASKS
+from projections.tasks import AGENT_ROWS, LIVE, LIVE_ROWS_FROM, TASKS, TasksModel
+from tools.bench import submitted
 
 STATUSES = ["pending", "leased", "running", "completed", "failed", "cancelled", "timed_out"]
-JSON_DEFAULTS: dict[str, Any] = {"resources": {}, "labels": {}, "options": {}, "depends_on": []}
 
 
 def row(tenant: str, task_id: str, status: str, kind: str) -> dict[str, Any]:
-    values: dict[str, Any] = dict.fromkeys(TASKS.columns)
-    values.update(JSON_DEFAULTS)
-    values.update(
-        id=task_id, tenant=tenant, name="t", status=status, priority=200,
-        priority_name="medium", executor_kind=kind, executor={"kind": kind},
-        submitted_at="2026-11-24T00:00:00Z", updated_at="2026-11-24T00:00:00Z",
-        attempt=0, max_attempts=3, last_activity_at="2026-11-24T00:00:00Z",
-        activity="active", pending_messages=0, actor="test", correlation_id="c",
-        attempts_base=0, version=1, task_seq=1, last_seq=1,
-    )  # fmt: skip
-    return values
+    """A task row as the read model writes it for a submit, then given a status and kind."""
+    event = submitted(tenant).model_copy(update={"aggregate_id": task_id})
+    uow = Batch(track_changes=False)
+    TasksModel().submitted(uow, decode_record(encode(event), 1))
+    values = uow.get(TASKS, (tenant, task_id))
+    assert values is not None
+    return {**values, "status": status, "executor_kind": kind}
 
 
 def database(path: Path, rows: list[dict[str, Any]]) -> sqlite3.Connection:
