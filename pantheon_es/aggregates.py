@@ -4,7 +4,7 @@ Anything that needs the full registries (the command service, the projector,
 schema export) imports this module once.
 """
 
-from pantheon_es import mailbox, retention, tasks, workers, workflows
+from pantheon_es import mailbox, reports, retention, tasks, workers, workflows
 from pantheon_es.commands import COMMANDS
 from pantheon_es.domain import AGGREGATE_TYPES
 from pantheon_es.events import REGISTRY
@@ -14,6 +14,7 @@ __all__ = [
     "COMMANDS",
     "REGISTRY",
     "mailbox",
+    "reports",
     "retention",
     "tasks",
     "workers",

@@ -22,7 +22,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 import pantheon_es
 from pantheon_es import aggregates
 from pantheon_es.errors import ErrorCode
-from pantheon_es.schema import ErrorReply, OkReply, WhyTask, WorkOffer, WorkStop
+from pantheon_es.schema import ErrorReply, OkReply, WhyTask, WorkOffer, WorkOffers, WorkStop
 from pantheon_es.subjects import Subjects, check_token
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ def export_asyncapi(
         *((body, "validation") for _, (body, _fn) in queries),
         *((env, "serialization") for env in envelopes),
         (WhyTask, "validation"),
-        *((cls, "serialization") for cls in (OkReply, ErrorReply, WorkOffer, WorkStop)),
+        *((cls, "serialization") for cls in (OkReply, ErrorReply, WorkOffer, WorkOffers, WorkStop)),
     ]
     names, schemas = _model_schemas(models)
     # The envelope's constant fields, from the registry: a reader can dispatch on "type".
@@ -396,11 +396,11 @@ def export_asyncapi(
             )
 
     # -- work offers -------------------------------------------------------------------------------
-    for work in (WorkOffer, WorkStop):
+    for work in (WorkOffer, WorkOffers, WorkStop):
         messages[work.__name__] = _message(work.__name__, names[work], _summary(work))
     channels["work"] = _channel(
         f"{root}.work.{{tenant}}.{{worker_id}}",
-        ["WorkOffer", "WorkStop"],
+        ["WorkOffer", "WorkOffers", "WorkStop"],
         "Work offers from the scheduler to one worker (core NATS). A worker in another "
         "language registers (worker.register), subscribes here, and reports with the "
         "lease commands (task.start, task.heartbeat, task.complete, task.fail, ...) "
@@ -408,7 +408,10 @@ def export_asyncapi(
         ["tenant", "worker_id"],
     )
     operations["work"] = _operation(
-        "send", "work", ["WorkOffer", "WorkStop"], "Offer a granted lease to a worker."
+        "send",
+        "work",
+        ["WorkOffer", "WorkOffers", "WorkStop"],
+        "Offer a granted lease (or several) to a worker.",
     )
 
     return {

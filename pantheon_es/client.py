@@ -130,12 +130,17 @@ class PantheonClient:
         raise error_from_reply(reply.get("error") or {})
 
     async def command(self, aggregate: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        subject = self.subjects.command(self.tenant, aggregate, verb)
+        return await self._retrying(subject, self.command_body(body))
+
+    def command_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` as :meth:`command` sends it: with this client's actor, and an
+        idempotency key when it retries (the same for every try)."""
         if self.actor and "actor" not in body:
             body = {**body, "actor": self.actor}
         if self.retry_for > 0 and "idempotency_key" not in body:
-            body = {**body, "idempotency_key": ids.new_id()}  # the same for every try
-        subject = self.subjects.command(self.tenant, aggregate, verb)
-        return await self._retrying(subject, body)
+            body = {**body, "idempotency_key": ids.new_id()}
+        return body
 
     async def query(
         self, model: str, verb: str, body: dict[str, Any] | None = None

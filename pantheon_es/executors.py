@@ -665,6 +665,18 @@ def _wants_ctx(func: Callable[..., Any]) -> bool:
 
 def _accepts(func: Callable[..., Any], name: str) -> bool:
     try:
+        return _accepts_cached(func, name)
+    except TypeError:  # an unhashable callable: ask every time
+        return _signature_accepts(func, name)
+
+
+@functools.lru_cache(maxsize=1024)  # targets are resolved once; their signatures do not change
+def _accepts_cached(func: Callable[..., Any], name: str) -> bool:
+    return _signature_accepts(func, name)
+
+
+def _signature_accepts(func: Callable[..., Any], name: str) -> bool:
+    try:
         parameter = inspect.signature(func).parameters.get(name)
     except (TypeError, ValueError):  # no signature (some builtins)
         return False

@@ -189,6 +189,8 @@ class _Interned:
 
 
 _SHARED = _Interned()
+#: Offers one work message may carry.
+OFFERS_PER_MESSAGE = 256
 
 
 def _json_key(value: Any) -> bytes:
@@ -304,6 +306,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._place_needed = True
         self._inflight: set[asyncio.Task[Any]] = set()
+        #: Offers decided in this loop turn, by work subject (sent together: _offer).
+        self._outbox: dict[str, list[dict[str, Any]]] = {}
         self._slots = asyncio.Semaphore(self.config.max_inflight)
         self._stopping = False
         #: tenant -> ids of its pending tasks (placeable, parked or waiting for a retry)
@@ -335,11 +339,12 @@ class Scheduler:
         self._bootstrap_workflows(db)
         workers = db.execute(
             "SELECT tenant, id, incarnation, status, capacity, slots, labels, ttl, expires_at, "
-            "registered_at, last_seq, tenants FROM workers WHERE status IN ('active', 'draining')"
+            "registered_at, last_seq, tenants, offer_batches FROM workers "
+            "WHERE status IN ('active', 'draining')"
         ).fetchall()
         for r in workers:
             (tenant, worker_id, incarnation, status, capacity, slots, labels, ttl, expires,
-             registered, seq, serves) = r  # fmt: skip
+             registered, seq, serves, batches) = r  # fmt: skip
             wstate = WorkerState(
                 worker_id=worker_id,
                 incarnation=incarnation,
@@ -351,6 +356,7 @@ class Scheduler:
                 expires_at=datetime.fromisoformat(expires),
                 registered_at=datetime.fromisoformat(registered),
                 tenants=tuple(orjson.loads(serves)),
+                offer_batches=orjson.loads(batches) is True,
             )
             self._add_worker(tenant, wstate, seq)
         for r in rows:
@@ -945,9 +951,33 @@ class Scheduler:
                 offer["inputs"] = {
                     wf.node_of.get(d, d): wf.results.get(d) for d in task.state.depends_on
                 }
-        await self.nc.publish(
-            self.subjects.work(task.tenant, worker.state.worker_id), orjson.dumps(offer)
-        )
+        subject = self.subjects.work(task.tenant, worker.state.worker_id)
+        if not worker.state.offer_batches:
+            await self.nc.publish(subject, orjson.dumps(offer))
+            return
+        self._offer(subject, offer)
+
+    def _offer(self, subject: str, offer: dict[str, Any]) -> None:
+        """Send ``offer`` with the others for the same worker decided in this loop turn:
+        one message (``{"type": "offers", "offers": [...]}``, a lone one as it is), to a
+        worker that registered with ``offer_batches``."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._send_offers)
+        self._outbox.setdefault(subject, []).append(offer)
+
+    def _send_offers(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        messages = []
+        for subject, offers in outbox.items():
+            for i in range(0, len(offers), OFFERS_PER_MESSAGE):
+                chunk = offers[i : i + OFFERS_PER_MESSAGE]
+                body = chunk[0] if len(chunk) == 1 else {"type": "offers", "offers": chunk}
+                messages.append((subject, orjson.dumps(body)))
+        self._spawn(self._publish(messages))
+
+    async def _publish(self, messages: list[tuple[str, bytes]]) -> None:
+        for subject, data in messages:
+            await self.nc.publish(subject, data)
 
     # -- workflows ---------------------------------------------------------------------------------
     def _apply_workflow(self, record: EventRecord) -> None:

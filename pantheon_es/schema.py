@@ -64,6 +64,15 @@ class WorkOffer(BaseModel):
     )
 
 
+class WorkOffers(BaseModel):
+    """Several offers for one worker decided together, sent only to a worker that
+    registered with ``offer_batches``; each is taken as if it had come alone."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["offers"]
+    offers: list[WorkOffer] = Field(min_length=2)
+
+
 class WorkStop(BaseModel):
     """Stop a running task: it was cancelled, timed out or ran past its start-to-close timeout."""
 

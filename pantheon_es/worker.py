@@ -47,6 +47,7 @@ from pantheon_es.errors import (
     UnavailableError,
 )
 from pantheon_es.executors import ExecutionError, Executor, TaskContext, default_executors
+from pantheon_es.reports import ReportBatcher
 from pantheon_es.specs import AgentSpec, PythonSpec, ShellSpec
 from pantheon_es.subjects import Subjects
 
@@ -174,6 +175,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Lease reports of one loop turn leave as one request (pantheon_es/reports.py).
+        self._reports = ReportBatcher()
         self._self_usage = _Usage()
         self._self_usage.add(os.getpid())
 
@@ -226,6 +229,7 @@ class Worker:
                     "version": __version__,
                     "ttl": self.config.ttl,
                     "tenants": self.config.serve_tenants,
+                    "offer_batches": True,
                 },
             ),
             deadline=None,
@@ -306,8 +310,12 @@ class Worker:
         except orjson.JSONDecodeError:
             log.warning("unreadable work message ignored")
             return
-        if message.get("type") == "offer":
+        kind = message.get("type")
+        if kind == "offer":
             self._take(message)
+        elif kind == "offers":  # several decided together for this worker
+            for offer in message.get("offers", ()):
+                self._take(offer)
         elif message.get("type") == "stop":
             execution = self.running.get(message.get("task_id", ""))
             if (
@@ -354,8 +362,10 @@ class Worker:
     async def _hand_back(self, execution: Execution, reason: str) -> None:
         if self.client is not None:
             with contextlib.suppress(PantheonError):
-                await self._for(execution, self.client).command(
-                    "task", "release", {**execution.lease, "reason": reason}
+                await self._reports.send(
+                    self._for(execution, self.client),
+                    "release",
+                    {**execution.lease, "reason": reason},
                 )
         self.running.pop(execution.task_id, None)
 
@@ -527,7 +537,7 @@ class Worker:
         while True:
             attempt += 1
             try:
-                await client.command("task", verb, body)
+                await self._reports.send(client, verb, body)
                 return
             except StaleLeaseError as err:
                 if final and attempt > 1:

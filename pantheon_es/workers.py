@@ -78,6 +78,11 @@ class RegisterWorker(_WorkerCommand, aggregate="worker", verb="register"):
             "always. Offers come on pantheon.work.<task's tenant>.<worker_id>.",
         )
     )
+    offer_batches: bool = Field(
+        False,
+        description='It takes several offers in one work message ({"type": "offers", '
+        '"offers": [...]}); otherwise every offer comes alone.',
+    )
 
 
 class WorkerHeartbeat(_WorkerCommand, aggregate="worker", verb="heartbeat"):
@@ -113,6 +118,7 @@ class WorkerRegistered(EventData, type_name="WorkerRegistered", version=1, aggre
     ttl: float
     expires_at: datetime
     tenants: list[str] = Field(default_factory=list)
+    offer_batches: bool = False
 
 
 class WorkerRenewed(EventData, type_name="WorkerRenewed", version=1, aggregate="worker"):
@@ -150,6 +156,7 @@ class WorkerState:
     expires_at: datetime
     registered_at: datetime
     tenants: tuple[str, ...] = ()  # others it serves besides its own ("*": all)
+    offer_batches: bool = False  # takes {"type": "offers"} messages
 
 
 @functools.singledispatch
@@ -191,6 +198,7 @@ def evolve(state: WorkerState | None, event: Event[Any]) -> WorkerState:
             expires_at=data.expires_at,
             registered_at=event.occurred_at,
             tenants=tuple(data.tenants),
+            offer_batches=data.offer_batches,
         )
     if state is None:
         raise InternalError(f"{event.type} before WorkerRegistered for {event.aggregate_id}")
@@ -237,6 +245,7 @@ def _register(command: RegisterWorker, state: WorkerState | None, ctx: DecideCon
         ttl=command.ttl,
         expires_at=ctx.now + timedelta(seconds=command.ttl),
         tenants=command.tenants,
+        offer_batches=command.offer_batches,
     )
     return Decision([event], {"worker_id": command.worker_id, "status": "active"})
 

@@ -47,6 +47,7 @@ WORKERS = Table(
         "version",
         "ttl",
         "tenants",
+        "offer_batches",
         "registered_at",
         "expires_at",
         "last_heartbeat_at",
@@ -56,7 +57,7 @@ WORKERS = Table(
         "last_seq",
     ),
     key=("tenant", "id"),
-    json_columns=frozenset({"capacity", "labels", "tenants"}),
+    json_columns=frozenset({"capacity", "labels", "tenants", "offer_batches"}),
     ddl="""
     CREATE TABLE IF NOT EXISTS workers (
         id TEXT NOT NULL,
@@ -71,6 +72,7 @@ WORKERS = Table(
         version TEXT NOT NULL,
         ttl REAL NOT NULL,
         tenants TEXT NOT NULL,
+        offer_batches TEXT NOT NULL,
         registered_at TEXT NOT NULL,
         expires_at TEXT NOT NULL,
         last_heartbeat_at TEXT NOT NULL,
@@ -117,6 +119,7 @@ class WorkersModel(ReadModel):
                 "version": d["version"],
                 "ttl": d["ttl"],
                 "tenants": d.get("tenants") or [],
+                "offer_batches": bool(d.get("offer_batches")),
                 "registered_at": ev.occurred_at,
                 "expires_at": d["expires_at"],
                 "last_heartbeat_at": ev.occurred_at,

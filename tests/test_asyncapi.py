@@ -144,7 +144,7 @@ def test_asyncapi_state_bucket_values_follow_the_read_model_tables(doc: dict[str
     assert {"state-worker", "state-workflow"} <= set(doc["channels"])
     work = doc["channels"]["work"]
     assert work["address"] == "pantheon.work.{tenant}.{worker_id}"
-    assert set(work["messages"]) == {"WorkOffer", "WorkStop"}
+    assert set(work["messages"]) == {"WorkOffer", "WorkOffers", "WorkStop"}
 
 
 def test_asyncapi_operations_send_only_messages_of_their_own_channel(

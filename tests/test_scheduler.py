@@ -226,6 +226,14 @@ async def test_scheduler_restart_rebuilds_the_live_set_from_read_models(cluster:
     """No worker yet: tasks stay pending; a fresh scheduler finds them in the read models."""
     ids = [(await cluster.client.submit_task(f"p{i}", python("noop")))["task_id"] for i in range(3)]
     node = cluster.node
+    # A worker registration (not a live worker: its tasks would not stay pending).
+    for worker_id, batches in (("batching", True), ("plain", False)):
+        await cluster.client.command(
+            "worker",
+            "register",
+            {"worker_id": worker_id, "incarnation": "i1", "capacity": {"cpu": 0, "memory_mb": 0},
+             "offer_batches": batches},
+        )  # fmt: skip
     assert node.projector is not None and node.store is not None
     await node.projector.wait_for(await node.store.last_seq())
     from pantheon_es.scheduler import Scheduler
@@ -233,5 +241,10 @@ async def test_scheduler_restart_rebuilds_the_live_set_from_read_models(cluster:
     fresh = Scheduler(node.nc, node.service, node.subjects)
     fresh.bootstrap(node.projector.db, node.projector.position, node.projector.position)
     assert {task_id for (_t, task_id) in fresh.tasks} >= set(ids)
+    # What each worker takes comes back with it (offers in batches or alone).
+    assert {k[1]: w.state.offer_batches for k, w in fresh.workers.items()} == {
+        "batching": True,
+        "plain": False,
+    }
     queued = sorted(fresh.placement.jobs.values(), key=lambda job: job.rank)
     assert [job.key[1] for job in queued] == ids  # same priority: in submission order
