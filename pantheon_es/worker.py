@@ -133,6 +133,7 @@ class Execution:
     task: asyncio.Task[None] | None = None
     activity: bool = False
     started_reported: bool = False
+    returned: bool = False  # the executor is done (its report may still be on its way)
     started_at: datetime | None = None
     usage: _Usage = field(default_factory=_Usage)
     lost: bool = False  # the lease is no longer ours
@@ -469,6 +470,7 @@ class Worker:
             log.exception("executor failed unexpectedly")
             outcome = ("fail", {"type": type(exc).__name__, "message": str(exc)})
         finally:
+            execution.returned = True
             for timer in execution.timers:
                 timer.cancel()
         if execution.start_report is not None:  # its start goes to the service first
@@ -481,6 +483,13 @@ class Worker:
             self.running.pop(execution.task_id, None)
 
     def _report_start(self, execution: Execution) -> None:
+        # One loop turn later: a function that returned just before the timer fired has
+        # its result queued on the loop already, and its completion carries the start.
+        asyncio.get_running_loop().call_soon(self._report_start_now, execution)
+
+    def _report_start_now(self, execution: Execution) -> None:
+        if execution.returned:
+            return
         execution.started_reported = True
         execution.start_report = asyncio.ensure_future(
             self._report(execution, "start", {"pid": os.getpid()})
