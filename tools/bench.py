@@ -76,10 +76,16 @@ def _wrap(data: Any, task_id: str, tenant: str) -> Event[Any]:
 
 
 async def pipelined(items: list[Any], window: int, fn: Callable[[Any], Awaitable[Any]]) -> float:
-    """Seconds to run ``fn`` over ``items`` with ``window`` calls in flight."""
+    """Seconds to run ``fn`` over ``items`` with ``window`` calls in flight (a sliding
+    window: each call that ends lets the next one start)."""
     start = time.perf_counter()
-    for i in range(0, len(items), window):
-        await asyncio.gather(*(fn(x) for x in items[i : i + window]))
+    todo = iter(items)
+
+    async def lane() -> None:
+        for item in todo:  # the lanes share one iterator: each item runs once
+            await fn(item)
+
+    await asyncio.gather(*(lane() for _ in range(min(window, len(items)))))
     return time.perf_counter() - start
 
 

@@ -40,7 +40,7 @@ from pantheon_es.client import PantheonClient
 from pantheon_es.node import tune_gc
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
-from tools.bench import raw_append, submitted
+from tools.bench import pipelined, raw_append, submitted
 
 NOOP = {"kind": "python", "target": "tools.bench_targets:noop"}
 NO_CPU = {"cpu": 0}  # a no-op needs no core; the worker's slots bound concurrency
@@ -143,15 +143,11 @@ async def throughput(client: PantheonClient, n: int, window: int) -> dict[str, A
 
     sub = await client.nc.subscribe(client.subjects.changed(client.tenant, "task"), cb=on_notice)
     start = time.perf_counter()
-    submitted_at = start
-    for i in range(0, n, window):
-        await asyncio.gather(
-            *(
-                client.submit_task("noop", NOOP, resources=NO_CPU)
-                for _ in range(i, min(n, i + window))
-            )
-        )
-        submitted_at = time.perf_counter()
+
+    async def submit(_: int) -> None:
+        await client.submit_task("noop", NOOP, resources=NO_CPU)
+
+    submitted_at = start + await pipelined(list(range(n)), window, submit)
     await asyncio.wait_for(done.wait(), timeout=600)
     elapsed = time.perf_counter() - start
     await sub.unsubscribe()
