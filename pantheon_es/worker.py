@@ -315,9 +315,10 @@ class Worker:
         if kind == "offer":
             self._take(message)
         elif kind == "offers":  # several decided together for this worker
-            for offer in message.get("offers", ()):
+            offers = message.get("offers")
+            for offer in offers if isinstance(offers, list) else ():
                 self._take(offer)
-        elif message.get("type") == "stop":
+        elif kind == "stop":
             execution = self.running.get(message.get("task_id", ""))
             if (
                 execution
