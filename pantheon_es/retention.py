@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from pantheon_es.commands import BulkCommand
 from pantheon_es.errors import ConflictError, NotFoundError
 from pantheon_es.events import EventRecord
 from pantheon_es.tasks import ArchiveTask
+from projections.tasks import FINISHED_ROWS
 
 log = structlog.get_logger(__name__)
 
@@ -88,23 +90,35 @@ async def _archive(service: Any, tenant: str, task_id: str, reason: str) -> bool
 class Janitor:
     """Archives finished tasks once they are older than ``retention`` seconds."""
 
-    def __init__(self, service: Any, db: sqlite3.Connection, retention: float) -> None:
+    def __init__(
+        self,
+        service: Any,
+        db: sqlite3.Connection,
+        retention: float,
+        applied: Callable[[int], Awaitable[Any]] | None = None,
+    ) -> None:
         self.service = service
         self.db = db  # the projector's connection (same thread, read only here)
         self.retention = retention
+        #: Waits until the projector has applied events up to a sequence (its wait_for).
+        self.applied = applied
         self._due: datetime | None = None
         self._wake = asyncio.Event()
+        self._woken_by = 0  # the sequence of the finishing event that woke it
         self._stopping = False
 
     def feed(self, records: list[EventRecord]) -> None:
         """Projector sink: the first task to finish arms the timer when none is armed."""
-        if self._due is None and any(r.type in FINISHING_EVENTS for r in records):
-            self._wake.set()
+        if self._due is None:
+            finishing = [r.seq for r in records if r.type in FINISHING_EVENTS]
+            if finishing:
+                # Sinks see a batch before it is written: run() waits for it first.
+                self._woken_by = max(self._woken_by, finishing[-1])
+                self._wake.set()
 
     def _next_due(self) -> datetime | None:
-        placeholders = ", ".join("?" for _ in FINISHED)
         row = self.db.execute(
-            f"SELECT min(finished_at) FROM tasks WHERE status IN ({placeholders})", FINISHED
+            f"SELECT min(finished_at) FROM {FINISHED_ROWS} WHERE finished_at IS NOT NULL"
         ).fetchone()
         if not row or row[0] is None:
             return None
@@ -112,6 +126,8 @@ class Janitor:
 
     async def run(self) -> None:
         while not self._stopping:
+            if self._woken_by and self.applied is not None:
+                await self.applied(self._woken_by)
             self._due = self._next_due()
             timeout = None
             if self._due is not None:
@@ -132,13 +148,12 @@ class Janitor:
         """Archive what is due; the last listing waits for the read models to show it."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
         stamp = cutoff.isoformat().replace("+00:00", "Z")
-        placeholders = ", ".join("?" for _ in FINISHED)
         tenants = [
             r[0]
             for r in self.db.execute(
-                f"SELECT DISTINCT tenant FROM tasks WHERE status IN ({placeholders}) "
-                "AND finished_at < ?",
-                (*FINISHED, stamp),
+                f"SELECT DISTINCT tenant FROM {FINISHED_ROWS} "
+                "WHERE finished_at IS NOT NULL AND finished_at < ?",
+                (stamp,),
             ).fetchall()
         ]
         reason = f"retention: finished more than {self.retention:g} s ago"

@@ -72,7 +72,9 @@ class ReadSide:
         if self.retention is not None:
             assert self.projector.db is not None
             commands = self.commands or RemoteCommands(self.store.nc, self.store.subjects)
-            self.janitor = Janitor(commands, self.projector.db, self.retention)
+            self.janitor = Janitor(
+                commands, self.projector.db, self.retention, applied=self.projector.wait_for
+            )
             self.projector.sinks.append(self.janitor.feed)
 
     async def run(self) -> None:

@@ -59,6 +59,9 @@ LIVE_CONDITION = "status IN ('pending', 'leased', 'running')"
 #: literally (AGENT_CONDITION) for SQLite to accept it.
 AGENT_CONDITION = "executor_kind = 'agent'"
 AGENT_ROWS = "tasks INDEXED BY tasks_agents"
+#: Finished tasks by when they finished (retention and ``finished_before``): only finished
+#: rows have ``finished_at``, so a sweep reads the due rows, not the history.
+FINISHED_ROWS = "tasks INDEXED BY tasks_finished"
 #: The live rows of every tenant through ``tasks_tenant_status``, without scanning the
 #: history: the tenants by a loose index scan (one seek each), then per tenant the three
 #: live status ranges. The scheduler's start-up reads these (docs/decisions.md).
@@ -197,6 +200,8 @@ TASKS = Table(
         WHERE executor_kind = 'agent';
     CREATE INDEX IF NOT EXISTS tasks_workflow ON tasks (tenant, workflow_id)
         WHERE workflow_id IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at, tenant)
+        WHERE finished_at IS NOT NULL;
     """,
 )
 
@@ -583,8 +588,15 @@ def _where(tenant: str, query: ListTasks) -> tuple[str, list[Any]]:
 async def list_tasks(db: aiosqlite.Connection, tenant: str, query: ListTasks) -> dict[str, Any]:
     cond, params = _where(tenant, query)
     order = "id DESC" if query.order == "newest" else "id ASC"
-    # Agents through their partial index (tasks are the many; agents the few).
-    source = AGENT_ROWS if query.kind == "agent" else None
+    # Agents through their partial index (tasks are the many; agents the few); finished
+    # before a time through the finished rows' index (retention reads the oldest ones).
+    source = (
+        AGENT_ROWS
+        if query.kind == "agent"
+        else FINISHED_ROWS
+        if query.finished_before is not None
+        else None
+    )
     result = await paged(
         db, TASKS, cond, params, order=order, limit=query.limit, offset=query.offset, source=source
     )

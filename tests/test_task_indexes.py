@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 from pantheon_es.events import decode_record, encode
 from projections.base import Batch
 from projections.projector import open_writer
-from projections.tasks import AGENT_ROWS, LIVE, LIVE_ROWS_FROM, TASKS, TasksModel
+from projections.tasks import (
+    AGENT_ROWS,
+    FINISHED_ROWS,
+    LIVE,
+    LIVE_ROWS_FROM,
+    TASKS,
+    ListTasks,
+    TasksModel,
+    _where,
+)
 from tools.bench import submitted
 
 STATUSES = ["pending", "leased", "running", "completed", "failed", "cancelled", "timed_out"]
@@ -76,5 +85,30 @@ def test_live_rows_and_agent_views_never_scan_the_table(tmp_path: Path) -> None:
             ("a",),
         )
         assert "tasks_agents" in agents and "SCAN tasks" not in agents, agents
+    finally:
+        db.close()
+
+
+def test_retention_reads_the_finished_rows_by_time_not_the_history(tmp_path: Path) -> None:
+    """The janitor's queries and ``list --finished-before`` go through ``tasks_finished``."""
+    rows = [
+        {**row("a", f"t{i}", "completed", "python"), "finished_at": f"2026-01-0{i + 1}T00:00:00Z"}
+        for i in range(5)
+    ] + [row("a", "t9", "pending", "python")]
+    db = database(tmp_path / "r.db", rows)
+    try:
+        due = f"SELECT min(finished_at) FROM {FINISHED_ROWS} WHERE finished_at IS NOT NULL"
+        assert db.execute(due).fetchone() == ("2026-01-01T00:00:00Z",)
+        tenants = (
+            f"SELECT DISTINCT tenant FROM {FINISHED_ROWS} "
+            "WHERE finished_at IS NOT NULL AND finished_at < ?"
+        )
+        assert db.execute(tenants, ("2026-01-03",)).fetchall() == [("a",)]
+        cond, params = _where("a", ListTasks(finished_before="2026-01-03T00:00:00Z"))
+        listed = f"SELECT id FROM {FINISHED_ROWS} WHERE {cond} ORDER BY id"
+        assert db.execute(listed, params).fetchall() == [("t0",), ("t1",)]
+        for sql, args in ((due, ()), (tenants, ("2026-01-03",)), (listed, tuple(params))):
+            shown = plan(db, sql, args)
+            assert "tasks_finished" in shown and "SCAN tasks" not in shown, shown
     finally:
         db.close()
