@@ -559,10 +559,11 @@ async def get_task(db: aiosqlite.Connection, tenant: str, query: GetTask) -> Row
     return with_derived(TASKS.from_db(found), datetime.now(UTC))
 
 
-def _where(tenant: str, query: ListTasks) -> tuple[str, list[Any]]:
+def _where(tenant: str, query: ListTasks, *, status: bool = True) -> tuple[str, list[Any]]:
+    """The filter of ``query`` as SQL (``status=False``: leave the status filter out)."""
     where = ["tenant = ?"]
     params: list[Any] = [tenant]
-    if query.status:
+    if query.status and status:
         where.append(f"status IN ({', '.join('?' for _ in query.status)})")
         params += [s.value for s in query.status]
     if query.kind == "agent":
@@ -602,18 +603,27 @@ async def list_tasks(db: aiosqlite.Connection, tenant: str, query: ListTasks) ->
     )
     now = datetime.now(UTC)
     result["items"] = [with_derived(row, now) for row in result["items"]]
-    result["summary"] = await _activity_summary(db, cond, params, now)
+    result["summary"] = await _activity_summary(db, tenant, query, now)
     return result
 
 
 async def _activity_summary(
-    db: aiosqlite.Connection, cond: str, params: list[Any], now: datetime
+    db: aiosqlite.Connection, tenant: str, query: ListTasks, now: datetime
 ) -> dict[str, int]:
-    """Live tasks matching the filter by activity: active, waiting_for_input, idle."""
+    """Live tasks matching the filter by activity: active, waiting_for_input, idle.
+
+    Read through ``tasks_tenant_status`` with the live statuses written out (those the
+    filter asks for), so it seeks the live rows instead of reading the tenant's history.
+    """
     summary = {"active": 0, "waiting_for_input": 0, "idle": 0}
-    live = ", ".join(f"'{s}'" for s in LIVE)
+    wanted = [s for s in LIVE if not query.status or s in {x.value for x in query.status}]
+    if not wanted:
+        return summary
+    cond, params = _where(tenant, query, status=False)
+    live = ", ".join(f"'{s}'" for s in wanted)
     async with db.execute(
-        f"SELECT status, activity, last_activity_at FROM tasks WHERE {cond} AND status IN ({live})",
+        "SELECT status, activity, last_activity_at FROM tasks INDEXED BY tasks_tenant_status "
+        f"WHERE {cond} AND status IN ({live})",
         params,
     ) as cur:
         for status, activity, last in await cur.fetchall():

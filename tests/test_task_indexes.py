@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from projections.tasks import (
     ListTasks,
     TasksModel,
     _where,
+    list_tasks,
 )
 from tools.bench import submitted
 
@@ -112,3 +114,44 @@ def test_retention_reads_the_finished_rows_by_time_not_the_history(tmp_path: Pat
             assert "tasks_finished" in shown and "SCAN tasks" not in shown, shown
     finally:
         db.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    tasks=tasks,
+    wanted=st.lists(st.sampled_from(STATUSES), max_size=3, unique=True),
+    kind=st.sampled_from([None, "agent", "task"]),
+)
+async def test_list_summaries_count_the_live_rows_without_reading_the_history(
+    tmp_path_factory: Any, tasks: Any, wanted: list[str], kind: str | None
+) -> None:
+    """A listing's summary counts the matching live rows, seeking them by status."""
+    rows = [row(t, f"t{i:04d}", s, k) for i, (t, s, k) in enumerate(tasks)]
+    path = tmp_path_factory.mktemp("sum") / "r.db"
+    database(path, rows).close()
+    statements: list[str] = []
+    async with aiosqlite.connect(path) as db:
+        await db.set_trace_callback(statements.append)
+        query = ListTasks(status=wanted or None, kind=kind)
+        summary = (await list_tasks(db, "a", query))["summary"]
+        await db.set_trace_callback(None)
+    expected = [
+        r
+        for r in rows
+        if r["tenant"] == "a"
+        and r["status"] in LIVE
+        and (not wanted or r["status"] in wanted)
+        and (kind is None or (r["executor_kind"] == "agent") == (kind == "agent"))
+    ]
+    assert sum(summary.values()) == len(expected)
+    plain = sqlite3.connect(path)
+    try:
+        selects = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT")]
+        for sql in selects:
+            assert "SCAN tasks" not in plan(plain, sql), (sql, plan(plain, sql))
+        summaries = [sql for sql in selects if "last_activity_at FROM" in sql]
+        assert len(summaries) == (1 if set(wanted or LIVE) & set(LIVE) else 0)
+        for sql in summaries:  # the live rows by status, not the tenant's whole history
+            assert "tasks_tenant_status (tenant=? AND status=?)" in plan(plain, sql)
+    finally:
+        plain.close()
