@@ -1165,6 +1165,9 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, w.request_stop)
         await w.start()
+        from pantheon_es.node import tune_gc
+
+        tune_gc()  # a process of its own: the node's GC settings (docs/decisions.md)
         err.print(f"[green]worker[/green] {w.worker_id} ({tenant}) on {url}", highlight=False)
         await w.run()
 

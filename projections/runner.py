@@ -180,6 +180,9 @@ async def _read_side(
         linger=linger,
     )
     await side.start()
+    from pantheon_es.node import tune_gc  # here: the node imports this module
+
+    tune_gc()  # a process of its own: the node's GC settings (docs/decisions.md)
     log.info("read side running", db=str(data_dir / "projections.db"))
     running.set()
     runner = asyncio.create_task(side.run())
