@@ -87,6 +87,9 @@ async def _one(service: Any, tenant: str, item: LeaseReportItem) -> dict[str, An
         return InternalError(f"internal error: {type(exc).__name__}").to_reply()
 
 
+_Queued = tuple[str, dict[str, Any], "asyncio.Future[Any]"]
+
+
 class ReportBatcher:
     """The worker's side: reports sent in one loop turn leave as one request per client.
 
@@ -97,8 +100,8 @@ class ReportBatcher:
 
     def __init__(self, max_reports: int = MAX_REPORTS) -> None:
         self.max_reports = max_reports
-        self._queued: dict[int, tuple[Any, list[tuple[str, dict[str, Any], asyncio.Future[Any]]]]]
-        self._queued = {}
+        #: id(client) -> (client, [(verb, body, future)]): this loop turn's reports.
+        self._queued: dict[int, tuple[Any, list[_Queued]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def send(self, client: Any, verb: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -118,9 +121,7 @@ class ReportBatcher:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _request(
-        self, client: Any, items: list[tuple[str, dict[str, Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _request(self, client: Any, items: list[_Queued]) -> None:
         if len(items) == 1:  # alone: the ordinary command, no bulk envelope
             verb, body, future = items[0]
             try:

@@ -616,7 +616,8 @@ async def _activity_summary(
     filter asks for), so it seeks the live rows instead of reading the tenant's history.
     """
     summary = {"active": 0, "waiting_for_input": 0, "idle": 0}
-    wanted = [s for s in LIVE if not query.status or s in {x.value for x in query.status}]
+    asked = {s.value for s in query.status or ()}
+    wanted = [s for s in LIVE if not asked or s in asked]
     if not wanted:
         return summary
     cond, params = _where(tenant, query, status=False)
