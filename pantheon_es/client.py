@@ -19,7 +19,7 @@ import orjson
 import structlog
 from nats.aio.client import Client as NATS
 
-from pantheon_es import ids
+from pantheon_es import connection, ids
 from pantheon_es.errors import PantheonError, UnavailableError, error_from_reply
 from pantheon_es.subjects import Subjects
 
@@ -100,7 +100,7 @@ class PantheonClient:
         cls, url: str, *, tenant: str = "default", root: str = "pantheon", **kwargs: Any
     ) -> PantheonClient:
         try:
-            nc = await nats.connect(
+            nc = await connection.connect(
                 url, max_reconnect_attempts=3, connect_timeout=3, allow_reconnect=True
             )
         except (OSError, nats.errors.NoServersError, TimeoutError) as exc:

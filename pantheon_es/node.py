@@ -33,6 +33,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from pantheon_es import connection
 from pantheon_es.client import DISCOVERY_FILE, PantheonClient, close_connection
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.endpoint import invalid, parse_body, respond
@@ -149,7 +150,7 @@ class Node:
             self.nats_url = self.server.url
             log.info("embedded nats-server started", url=self.nats_url, pid=self.server.pid)
         try:
-            self.nc = await nats.connect(
+            self.nc = await connection.connect(
                 self.nats_url,
                 name="pantheon-node",
                 pending_size=64 * 1024 * 1024,

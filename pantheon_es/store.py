@@ -31,6 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
@@ -40,6 +41,7 @@ from nats.js.api import (
 )
 
 from pantheon_es import aggregates, ids
+from pantheon_es.connection import Connection
 from pantheon_es.errors import ConcurrencyError, InternalError, PantheonError, UnavailableError
 from pantheon_es.events import Event, decode, encode
 from pantheon_es.subjects import Subjects
@@ -352,10 +354,20 @@ class EventStore:
         from_seq: int = 1,
         subject: str | None = None,
         max_buffer: int = 20_000,
+        heartbeat: float = 5.0,
     ) -> EventFeed:
-        """An ordered feed of the stream from ``from_seq`` (live after catching up)."""
+        """An ordered feed of the stream from ``from_seq`` (live after catching up).
+
+        ``heartbeat``: the consumer's idle heartbeat in seconds; a feed that hears
+        nothing for two of them starts a new consumer.
+        """
         return EventFeed(
-            self.js, self.stream, subject or self.subjects.all_events, from_seq, max_buffer
+            self.js,
+            self.stream,
+            subject or self.subjects.all_events,
+            from_seq,
+            max_buffer,
+            heartbeat=heartbeat,
         )
 
 
@@ -371,10 +383,26 @@ class EventFeed:
     subscription is still in flight, and once the reader has taken half of the
     buffer it subscribes again from the sequence after the last one kept
     (docs/decisions.md, "Bounded feeds").
+
+    On a :class:`~pantheon_es.connection.Connection` the feed runs its own
+    ordered consumer over a raw subscription (docs/decisions.md, "The feed reads
+    raw messages"): an ephemeral push consumer with flow control and idle
+    heartbeats whose messages are kept as they are parsed. It starts again after
+    the last event kept when a consumer sequence is skipped, when a heartbeat
+    names a consumer sequence it has not seen, or when neither a message nor a
+    heartbeat came for two heartbeat intervals (the consumer is gone, e.g. after
+    a reconnect). On any other nats-py client it uses nats-py's ordered consumer.
     """
 
     def __init__(
-        self, js: JetStreamContext, stream: str, subject: str, from_seq: int, max_buffer: int
+        self,
+        js: JetStreamContext,
+        stream: str,
+        subject: str,
+        from_seq: int,
+        max_buffer: int,
+        *,
+        heartbeat: float = 5.0,
     ) -> None:
         self._js = js
         self._stream = stream
@@ -387,9 +415,19 @@ class EventFeed:
         self._generation = 0  # of the current subscription; older ones' messages are ignored
         self._paused = False
         self._dropping: asyncio.Task[None] | None = None
+        self._resuming = asyncio.Lock()
         self._closed = False
+        nc = js._nc
+        self._raw: Connection | None = nc if isinstance(nc, Connection) else None
+        self._heartbeat = heartbeat
+        self._dseq = 0  # the last consumer sequence of the current consumer (raw feeds)
+        self._alive = True  # a message or heartbeat came since the watchdog last looked
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         #: How many times the feed paused for a full buffer (for tests and benchmarks).
         self.pauses = 0
+        #: How many times a raw feed started a new consumer after a gap or silence.
+        self.resets = 0
 
     async def __aenter__(self) -> EventFeed:
         await self.start()
@@ -401,6 +439,9 @@ class EventFeed:
     async def start(self) -> None:
         self._generation += 1
         generation = self._generation
+        if self._raw is not None:
+            await self._start_raw(self._raw, generation)
+            return
 
         async def on_msg(msg: Msg) -> None:
             if generation == self._generation and not self._paused:
@@ -419,18 +460,124 @@ class EventFeed:
 
     def _keep(self, msg: Msg) -> None:
         seq, timestamp_ns, pending = _ack_fields(msg.reply)
-        if seq <= self._last:
-            return  # an ordered-consumer reset may deliver again what was kept
-        self._last = seq
+        if seq > self._last:  # an ordered-consumer reset may deliver again what was kept
+            self._append(RawEvent(seq, msg.subject, msg.data, timestamp_ns, pending))
+
+    def _append(self, event: RawEvent) -> None:
+        self._last = event.seq
         buffer = self._buffer
-        buffer.append(RawEvent(seq, msg.subject, msg.data, timestamp_ns, pending))
+        buffer.append(event)
         if len(buffer) == 1:  # a reader waits only on an empty buffer
             self._ready.set()
         if len(buffer) >= self._max_buffer:
             self._paused = True
             self.pauses += 1
-            self._generation += 1  # what the old subscription still delivers is dropped
-            self._dropping = asyncio.get_running_loop().create_task(self._unsubscribe())
+            self._drop_subscription()
+
+    def _drop_subscription(self) -> None:
+        self._generation += 1  # what the old subscription still delivers is dropped
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._dropping = asyncio.get_running_loop().create_task(self._unsubscribe())
+
+    # -- the raw ordered consumer ------------------------------------------------------------------
+    async def _start_raw(self, nc: Connection, generation: int) -> None:
+        def on_message(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            if generation != self._generation or self._paused:
+                return
+            self._alive = True
+            if reply.startswith(b"$JS.ACK."):
+                self._keep_raw(subject, reply, data)
+            elif headers is not None:
+                self._control(reply, headers)
+
+        self._dseq = 0
+        self._alive = True
+        inbox = nc.new_inbox()
+        self._sub = await nc.raw_subscribe(inbox, on_message)
+        try:
+            await self._js.add_consumer(
+                self._stream,
+                ConsumerConfig(
+                    deliver_subject=inbox,
+                    filter_subject=self._subject,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=self._last + 1,
+                    ack_policy=AckPolicy.NONE,
+                    max_deliver=1,
+                    flow_control=True,
+                    idle_heartbeat=self._heartbeat,
+                    mem_storage=True,
+                    num_replicas=1,
+                ),
+            )
+        except BaseException:
+            await self._unsubscribe()
+            raise
+        if generation == self._generation:
+            self._watchdog = asyncio.get_running_loop().call_later(
+                2 * self._heartbeat, self._look, generation
+            )
+
+    def _keep_raw(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        t = reply.split(b".")
+        # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>
+        # v2: $JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>...
+        if len(t) == 9:
+            seq, dseq, timestamp_ns, pending = int(t[5]), int(t[6]), int(t[7]), int(t[8])
+        else:
+            seq, dseq, timestamp_ns, pending = int(t[7]), int(t[8]), int(t[9]), int(t[10])
+        if dseq != self._dseq + 1:
+            self._reset()  # a message of this consumer went missing
+            return
+        self._dseq = dseq
+        if seq > self._last:
+            self._append(RawEvent(seq, subject.decode(), data, timestamp_ns, pending))
+
+    def _control(self, reply: bytes, headers: bytes) -> None:
+        """A status message: flow control request or idle heartbeat."""
+        status = headers[: headers.find(b"\r\n")]
+        if b"FlowControl" in status:
+            if reply:  # everything delivered before it is kept already
+                self._spawn(self._js._nc.publish(reply.decode()))
+            return
+        if b"Idle Heartbeat" not in status:
+            return
+        fields = _header_fields(headers)
+        stalled = fields.get(b"Nats-Consumer-Stalled")
+        if stalled:
+            self._spawn(self._js._nc.publish(stalled.decode()))
+        last = fields.get(b"Nats-Last-Consumer")
+        if last is not None and int(last) != self._dseq:
+            self._reset()  # the server delivered messages this feed never saw
+
+    def _look(self, generation: int) -> None:
+        """The watchdog: silent for two heartbeat intervals means the consumer is gone."""
+        if generation != self._generation or self._paused or self._closed:
+            return
+        if not self._alive:
+            self._reset()
+            return
+        self._alive = False
+        self._watchdog = asyncio.get_running_loop().call_later(
+            2 * self._heartbeat, self._look, generation
+        )
+
+    def _reset(self) -> None:
+        """Start a new consumer after the last event kept."""
+        if self._paused or self._closed:
+            return
+        self.resets += 1
+        log.info("event feed restarts its consumer", after_seq=self._last, stream=self._stream)
+        self._paused = True
+        self._drop_subscription()
+        self._spawn(self._resume())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _unsubscribe(self) -> None:
         old, self._sub = self._sub, None
@@ -440,12 +587,30 @@ class EventFeed:
 
     async def _resume(self) -> None:
         """Subscribe again from the sequence after the last one kept."""
-        if self._dropping is not None:
-            await self._dropping
-            self._dropping = None
-        self._paused = False
-        if not self._closed:
-            await self.start()
+        async with self._resuming:
+            if not self._paused:
+                return  # resumed meanwhile
+            if self._dropping is not None:
+                await self._dropping
+                self._dropping = None
+            if self._closed:
+                return
+            self._paused = False
+            try:
+                await self.start()
+            except Exception as exc:
+                self._paused = True
+                if self._raw is None:
+                    raise
+                # The server is away: try again after two heartbeat intervals.
+                log.warning("event feed could not subscribe", error=repr(exc))
+                self._watchdog = asyncio.get_running_loop().call_later(
+                    2 * self._heartbeat, self._retry, self._generation
+                )
+
+    def _retry(self, generation: int) -> None:
+        if generation == self._generation and self._paused and not self._closed:
+            self._spawn(self._resume())
 
     async def next_batch(
         self, max_items: int = 1000, timeout: float | None = None
@@ -477,10 +642,26 @@ class EventFeed:
     async def stop(self) -> None:
         self._closed = True
         self._ready.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for task in list(self._tasks):
+            task.cancel()
         if self._dropping is not None:
-            await self._dropping
+            with contextlib.suppress(Exception):
+                await self._dropping
             self._dropping = None
         await self._unsubscribe()
+
+
+def _header_fields(block: bytes) -> dict[bytes, bytes]:
+    """The ``Name: value`` lines of a status message's header block (names as sent)."""
+    out: dict[bytes, bytes] = {}
+    for line in block.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
 
 
 class _WrongLastSequence(PantheonError):

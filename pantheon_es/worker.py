@@ -31,13 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import orjson
 import psutil
 import structlog
 from nats.aio.msg import Msg
 
-from pantheon_es import __version__, ids
+from pantheon_es import __version__, connection, ids
 from pantheon_es.client import PantheonClient, close_connection
 from pantheon_es.errors import (
     ConflictError,
@@ -190,7 +189,7 @@ class Worker:
         await self.shutdown()
 
     async def start(self) -> None:
-        nc = await nats.connect(
+        nc = await connection.connect(
             self.config.nats_url,
             name=f"pantheon-worker-{self.worker_id}",
             max_reconnect_attempts=-1,

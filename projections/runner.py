@@ -12,10 +12,10 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-import nats
 import structlog
 from nats.aio.client import Client as NATS
 
+from pantheon_es import connection
 from pantheon_es.client import PantheonClient, close_connection
 from pantheon_es.retention import Janitor
 from pantheon_es.store import EventStore, StoreConfig
@@ -164,7 +164,7 @@ async def _read_side(
     snapshot_every: int | None = None,
     linger: float = 0.0,
 ) -> None:
-    nc = await nats.connect(
+    nc = await connection.connect(
         nats_url,
         name="pantheon-projector",
         pending_size=256 * 1024 * 1024,

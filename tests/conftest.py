@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from pantheon_es import logs
+from pantheon_es import connection, logs
 from pantheon_es.client import PantheonClient
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.service import CommandService, ServiceConfig
@@ -45,8 +44,8 @@ def subjects() -> Subjects:
 
 
 @pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NATS]:
-    conn = await nats.connect(
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[connection.Connection]:
+    conn = await connection.connect(
         nats_server.url, max_reconnect_attempts=2, pending_size=64 * 1024 * 1024
     )
     try:

@@ -8,9 +8,10 @@ rounds so machine noise hits both sides alike:
 * raw append: pipelined ``js.publish`` of the same payloads with the same
   headers (``Nats-Msg-Id``, ``Nats-Expected-Last-Subject-Sequence``), versus
   ``EventStore.append`` (one decision = one event, new aggregate each);
-* raw read: an ordered push consumer counting every message, versus the
+* raw read: nats-py's ordered push consumer counting every message, versus the
   projector folding the same events into SQLite (with and without the KV
-  state writes).
+  state writes); also Pantheon's own feed counting them (the projector's input:
+  its ordered consumer reads raw messages, docs/decisions.md).
 
 Targets (issue 2, this 2-core machine): appends >= 70% of raw; projector
 >= 20,000 events/s and >= 30% of the raw read rate. Figures are printed,
@@ -32,11 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import orjson
 from nats.js.api import DeliverPolicy
 
-from pantheon_es import ids, logs
+from pantheon_es import connection, ids, logs
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.events import Event, encode, make_event
 from pantheon_es.node import tune_gc
@@ -144,6 +144,16 @@ async def raw_read(js: Any, stream: str, subject: str, total: int) -> float:
     return total / elapsed
 
 
+async def feed_read(store: EventStore, total: int) -> float:
+    """Pantheon's own ordered consumer (EventFeed on a Connection), counting events."""
+    start = time.perf_counter()
+    count = 0
+    async with store.feed(from_seq=1) as feed:
+        while count < total:
+            count += len(await feed.next_batch(2000, timeout=10))
+    return total / (time.perf_counter() - start)
+
+
 async def project(store: EventStore, db: Path, total: int, *, kv: bool) -> float:
     projector = Projector(store, db, kv=kv)
     await projector.open()
@@ -158,7 +168,7 @@ async def project(store: EventStore, db: Path, total: int, *, kv: bool) -> float
 
 
 async def bench(url: str, n: int, window: int, rounds: int, workdir: Path) -> dict[str, Any]:
-    nc = await nats.connect(url, pending_size=256 * 1024 * 1024)
+    nc = await connection.connect(url, pending_size=256 * 1024 * 1024)
     tune_gc()  # the node's GC settings, for both sides of every comparison
     results: dict[str, list[float]] = {k: [] for k in ("raw_append", "store_append")}
     try:
@@ -195,18 +205,25 @@ async def bench(url: str, n: int, window: int, rounds: int, workdir: Path) -> di
         await store_append(store, subs, window, seqs)
         await store_append(store, [cancelled(e.aggregate_id) for e in subs[: n // 2]], window, seqs)
         total = await store.last_seq()
-        reads: dict[str, list[float]] = {"raw_read": [], "projector": [], "projector_kv": []}
+        reads: dict[str, list[float]] = {
+            "raw_read": [],
+            "feed_read": [],
+            "projector": [],
+            "projector_kv": [],
+        }
         for r in range(rounds):
             # Alternate the order, as for appends, so drift hits every side alike.
             steps = [
                 ("raw_read", raw_read(store.js, store.stream, read_ns.all_events, total)),
+                ("feed_read", feed_read(store, total)),
                 ("projector", project(store, workdir / f"p{r}.db", total, kv=False)),
                 ("projector_kv", project(store, workdir / f"k{r}.db", total, kv=True)),
             ]
             for name, step in steps if r % 2 == 0 else reversed(steps):
                 reads[name].append(await step)
             print(
-                f"round {r + 1}/{rounds}: raw read {reads['raw_read'][-1]:,.0f}/s, projector "
+                f"round {r + 1}/{rounds}: raw read {reads['raw_read'][-1]:,.0f}/s, "
+                f"feed {reads['feed_read'][-1]:,.0f}/s, projector "
                 f"{reads['projector'][-1]:,.0f}/s, with KV {reads['projector_kv'][-1]:,.0f}/s",
                 file=sys.stderr,
             )
@@ -245,6 +262,8 @@ def render(res: dict[str, Any]) -> str:
         f"   ratio {res['append_ratio']:.2f}  (target >= 0.70)",
         "",
         f"  raw ordered-consumer read         {m['raw_read']:>10,} events/s",
+        f"  EventFeed read (no projection)    {m['feed_read']:>10,} events/s"
+        f"   ratio {m['feed_read'] / m['raw_read']:.2f}",
         f"  projector -> SQLite               {m['projector']:>10,} events/s"
         f"   ratio {res['projector_ratio']:.2f}  (target >= 0.30 and >= 20,000/s)",
         f"  projector -> SQLite + KV state    {m['projector_kv']:>10,} events/s"

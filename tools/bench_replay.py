@@ -42,13 +42,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import nats
 import orjson
 from nats.aio.client import Client as NATS
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pantheon_es import ids, logs
+from pantheon_es import connection, ids, logs
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.events import EventData, encode, make_event
 from pantheon_es.mailbox import MessagesDelivered, MessageSent
@@ -275,7 +274,7 @@ def pantheon_snapshot(data_dir: Path, url: str) -> dict[str, Any]:
 
 
 async def bench(n: int, url: str, work: Path) -> dict[str, Any]:
-    nc = await nats.connect(url, pending_size=512 * 1024 * 1024)
+    nc = await connection.connect(url, pending_size=512 * 1024 * 1024)
     subjects = Subjects(ROOT)
     store = EventStore(nc, subjects, StoreConfig())
     await store.provision()

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats
 import orjson
 import psutil
 
-from pantheon_es import ids, logs
+from pantheon_es import connection, ids, logs
 from pantheon_es.client import PantheonClient
 from pantheon_es.node import tune_gc
 from pantheon_es.store import EventStore, StoreConfig
@@ -160,7 +159,7 @@ async def throughput(client: PantheonClient, n: int, window: int) -> dict[str, A
 
 
 async def events_per_task(url: str, root: str, tenant: str) -> tuple[float, int]:
-    nc = await nats.connect(url)
+    nc = await connection.connect(url)
     try:
         subjects = Subjects(root)
         info = await nc.jetstream().stream_info(
@@ -231,7 +230,7 @@ async def message_latency(client: PantheonClient, n: int) -> dict[str, Any]:
 
 
 async def raw_rate(url: str, n: int, window: int) -> int:
-    nc = await nats.connect(url, pending_size=256 * 1024 * 1024)
+    nc = await connection.connect(url, pending_size=256 * 1024 * 1024)
     try:
         subjects = Subjects("rawbench")
         store = EventStore(nc, subjects, StoreConfig())
@@ -243,7 +242,7 @@ async def raw_rate(url: str, n: int, window: int) -> int:
 
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with Node(work, "--workers", "2", "--worker-slots", str(args.slots)) as node:
-        nc = await nats.connect(node.url, pending_size=256 * 1024 * 1024)
+        nc = await connection.connect(node.url, pending_size=256 * 1024 * 1024)
         client = PantheonClient(nc, timeout=60)
         tune_gc()
         try:

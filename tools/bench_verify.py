@@ -28,10 +28,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import nats
 import orjson
 
-from pantheon_es import ids, logs
+from pantheon_es import connection, ids, logs
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.events import EventData, EventRecord, decode_record, make_event
 from pantheon_es.node import tune_gc
@@ -85,7 +84,7 @@ async def fill(store: EventStore, tasks: int) -> int:
 
 
 async def bench(url: str, tasks: int, rounds: int, workdir: Path) -> dict[str, Any]:
-    nc = await nats.connect(url, pending_size=256 * 1024 * 1024)
+    nc = await connection.connect(url, pending_size=256 * 1024 * 1024)
     tune_gc()  # what `pantheon replay` and `verify` do, for every side alike
     store = EventStore(nc, Subjects(f"bv{ids.new_id()[-6:].lower()}"), StoreConfig())
     await store.provision()

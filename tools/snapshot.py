@@ -19,6 +19,7 @@ from typing import Any
 
 import nats
 
+from pantheon_es import connection
 from pantheon_es.client import close_connection, discover
 from pantheon_es.errors import UnavailableError
 from pantheon_es.node import DB_NAME
@@ -36,7 +37,9 @@ async def connect_store(nats_url: str | None, data_dir: Path, root: str) -> Even
         info = discover(data_dir)
         nats_url, root = info["nats_url"], info.get("root", root)
     try:
-        nc = await nats.connect(nats_url, pending_size=256 * 1024 * 1024, max_reconnect_attempts=2)
+        nc = await connection.connect(
+            nats_url, pending_size=256 * 1024 * 1024, max_reconnect_attempts=2
+        )
     except (OSError, nats.errors.NoServersError) as exc:
         raise UnavailableError(f"cannot reach NATS at {nats_url}: {exc}") from None
     return EventStore(nc, Subjects(root))

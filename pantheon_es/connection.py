@@ -1,0 +1,71 @@
+"""The NATS connection every Pantheon process uses: nats-py's client plus raw handlers.
+
+:class:`Connection` is nats-py's ``Client`` with one addition,
+:meth:`Connection.raw_subscribe`: a subscription whose messages go straight to
+a synchronous handler as the protocol parser hands them over (subject, reply,
+payload and header block as bytes). nats-py's own path parses every header
+block into a dict, builds a ``Msg``, queues it and wakes a task that awaits the
+callback: about 16 us a message here, of which the header parse alone is 5.
+The event feed (:class:`pantheon_es.store.EventFeed`) reads the log through a
+raw subscription at about 8 us a message (docs/decisions.md, "The feed reads
+raw messages").
+
+This relies on one internal of nats-py 2.x, ``Client._process_msg(sid, subject,
+reply, payload, headers)``, which the protocol parser calls for every message;
+tests/test_connection.py fails if that stops being so. Every other subscription
+takes nats-py's path unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+
+#: (subject, reply, payload, header block or None) -> None; called on the reading task
+RawHandler = Callable[[bytes, bytes, bytes, bytes | None], None]
+
+
+class Connection(Client):
+    """nats-py's client with :meth:`raw_subscribe`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw_handlers: dict[int, RawHandler] = {}
+
+    async def raw_subscribe(self, subject: str, handler: RawHandler) -> Subscription:
+        """Subscribe ``handler`` to ``subject``: it is called with each message's raw parts,
+        synchronously, in the order they arrive; it must not block. Unsubscribe as usual."""
+        sub = await self.subscribe(subject)
+        # No message can arrive before this line runs: the loop has not read since SUB.
+        self._raw_handlers[sub._id] = handler
+        return sub
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        handler = self._raw_handlers.get(sid)
+        if handler is None:
+            # nats-py annotates headers as bytes; its parser passes None when there are none.
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        handler(subject, reply, data, headers)
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._raw_handlers.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
+
+
+async def connect(url: str, **options: Any) -> Connection:
+    """Connect like ``nats.connect(url, **options)``, returning a :class:`Connection`."""
+    nc = Connection()
+    await nc.connect(url, **options)
+    return nc
+
+
+__all__ = ["Connection", "RawHandler", "connect"]

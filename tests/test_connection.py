@@ -1,0 +1,51 @@
+"""Connection.raw_subscribe against a real nats-server: the one nats-py internal the
+event feed relies on (``Client._process_msg``) is still called for every message."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pantheon_es.connection import Connection
+from tests.conftest import eventually
+
+
+async def test_a_raw_handler_gets_each_message_as_the_parser_hands_it_over(
+    nc: Connection,
+) -> None:
+    got: list[tuple[bytes, bytes, bytes, bytes | None]] = []
+    sub = await nc.raw_subscribe("raw.test.>", lambda *parts: got.append(parts))
+    await nc.publish("raw.test.a", b"one", reply="answer.here")
+    await nc.publish("raw.test.b", b"two", headers={"X-Name": "value"})
+    await nc.flush()
+
+    async def both() -> bool:
+        return len(got) == 2
+
+    await eventually(both, timeout=5)
+    assert got[0] == (b"raw.test.a", b"answer.here", b"one", None)
+    subject, reply, data, headers = got[1]
+    assert (subject, reply, data) == (b"raw.test.b", b"", b"two")
+    assert headers is not None and b"X-Name: value" in headers
+
+    await sub.unsubscribe()
+    assert sub._id not in nc._raw_handlers
+    await nc.publish("raw.test.c", b"three")
+    await nc.flush()
+    await asyncio.sleep(0.1)
+    assert len(got) == 2
+
+
+async def test_other_subscriptions_still_take_nats_py_s_path(nc: Connection) -> None:
+    raw: list[bytes] = []
+    await nc.raw_subscribe("raw.mixed", lambda s, r, d, h: raw.append(d))
+    sub = await nc.subscribe("plain.mixed")
+    await nc.publish("plain.mixed", b"p", headers={"Nats-Msg-Id": "42"})
+    await nc.publish("raw.mixed", b"r")
+    msg = await sub.next_msg(timeout=5)
+    assert msg.data == b"p" and msg.headers == {"Nats-Msg-Id": "42"}
+    await nc.flush()
+
+    async def one() -> bool:
+        return raw == [b"r"]
+
+    await eventually(one, timeout=5)
