@@ -697,7 +697,11 @@ class _Acks:
         if self._sub is None:
             async with self._subscribing:
                 if self._sub is None:
-                    self._sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_ack)
+                    acks = f"{self.prefix}.*"
+                    if isinstance(self.nc, Connection):
+                        self._sub = await self.nc.raw_subscribe(acks, self._on_raw_ack)
+                    else:
+                        self._sub = await self.nc.subscribe(acks, cb=self._on_ack)
         token = str(next(self._next))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
@@ -711,13 +715,21 @@ class _Acks:
             self._pending.pop(token, None)
 
     async def _on_ack(self, msg: Msg) -> None:
-        entry = self._pending.pop(msg.subject[len(self.prefix) + 1 :], None)
+        status = msg.headers.get("Status") if msg.headers else None
+        self._settle(msg.subject, msg.data, status == "503")
+
+    def _on_raw_ack(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        # A status-only reply is "NATS/1.0 503" (no responders: no stream on the subject).
+        self._settle(subject.decode(), data, headers is not None and headers[9:12] == b"503")
+
+    def _settle(self, subject: str, data: bytes, no_responders: bool) -> None:
+        entry = self._pending.pop(subject[len(self.prefix) + 1 :], None)
         if entry is None or entry[0].done():
             return
-        if msg.headers and msg.headers.get("Status") == "503":
+        if no_responders:
             entry[0].set_exception(nats.errors.NoRespondersError())
         else:
-            entry[0].set_result(msg.data)
+            entry[0].set_result(data)
 
     def _expire(self, interval: float) -> None:
         """Fail the appends whose deadline passed; run again while any is in flight."""

@@ -6,11 +6,12 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.errors
 import orjson
 import pytest
 
 from pantheon_es import ids
-from pantheon_es.errors import ConcurrencyError
+from pantheon_es.errors import ConcurrencyError, UnavailableError
 from pantheon_es.events import Event, EventData, make_event
 from pantheon_es.specs import Resources, ShellSpec
 from pantheon_es.store import EventStore, StoreConfig
@@ -276,3 +277,14 @@ def _collect(into: list[Any]) -> Any:
         into.append(msg)
 
     return cb
+
+
+async def test_an_append_with_no_stream_behind_its_subject_fails_as_no_responders(
+    nc: Any, subjects: Any
+) -> None:
+    """The server answers "503 no responders" at once; the append does not wait for
+    an ack that cannot come (raw acks on a Connection read the status line)."""
+    store = EventStore(nc, subjects, StoreConfig(ack_timeout=3, append_attempts=1))
+    with pytest.raises(UnavailableError) as caught:  # never provisioned
+        await store.append([submitted(ids.new_id())], expected_seq=0)
+    assert isinstance(caught.value.__cause__, nats.errors.NoRespondersError)
