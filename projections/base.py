@@ -35,6 +35,28 @@ Key = tuple[Any, ...]
 Row = dict[str, Any]
 
 
+class RawJson:
+    """A JSON column's text as stored, in a row loaded for handlers that never look
+    into that column (``Table.opaque_json``): writing the row back binds the text as
+    it is, and the KV bucket gets it through :func:`json_default`, so the column is
+    neither parsed on load nor serialised again on write."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"RawJson({self.text!r})"
+
+
+def json_default(value: Any) -> Any:
+    """``orjson.dumps(..., default=json_default)`` for rows that may hold :class:`RawJson`."""
+    if type(value) is RawJson:
+        return orjson.Fragment(value.text)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 @dataclass(frozen=True, eq=False)
 class Table:
     """One SQLite table of a read model."""
@@ -44,6 +66,9 @@ class Table:
     key: tuple[str, ...]
     ddl: str  # CREATE TABLE and CREATE INDEX statements
     json_columns: frozenset[str] = frozenset()
+    #: JSON columns no handler reads or changes in place (it may replace them): rows
+    #: loaded for handlers keep them as :class:`RawJson` (docs/decisions.md).
+    opaque_json: frozenset[str] = frozenset()
 
     @property
     def upsert_sql(self) -> str:
@@ -84,14 +109,34 @@ class Table:
     def key_of(self, row: Row) -> Key:
         return self._key_fn(row)
 
+    @cached_property
+    def _parsed_json(self) -> tuple[str, ...]:
+        return tuple(c for c in self.columns if c in self.json_columns - self.opaque_json)
+
+    @cached_property
+    def _opaque_json(self) -> tuple[str, ...]:
+        return tuple(c for c in self.columns if c in self.opaque_json)
+
     def to_params(self, row: Row) -> list[Any]:
         """The row as statement parameters, JSON columns as text (the projector's hot path)."""
         values = list(self._values(row))
         for i in self._json_positions:
             value = values[i]
             if value is not None:
-                values[i] = orjson.dumps(value).decode()
+                values[i] = value.text if type(value) is RawJson else orjson.dumps(value).decode()
         return values
+
+    def for_handlers(self, values: Sequence[Any]) -> Row:
+        """A stored row as handlers get it: like :meth:`from_db`, but the
+        ``opaque_json`` columns stay text (:class:`RawJson`)."""
+        row = dict(zip(self.columns, values, strict=True))
+        for c in self._parsed_json:
+            if row[c] is not None:
+                row[c] = orjson.loads(row[c])
+        for c in self._opaque_json:
+            if row[c] is not None:
+                row[c] = RawJson(row[c])
+        return row
 
     def from_db(self, values: Sequence[Any]) -> Row:
         row = dict(zip(self.columns, values, strict=True))

@@ -34,7 +34,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from pantheon_es.errors import UnknownEventTypeError
 from pantheon_es.events import EventRecord, decode_record
 from pantheon_es.store import EventFeed, EventStore, RawEvent
-from projections.base import Batch, BoundHandler, Loader, ReadModel, Row, Table
+from projections.base import Batch, BoundHandler, Loader, ReadModel, Row, Table, json_default
 from projections.messages import MessagesModel
 from projections.snapshots import (
     DEFAULT_RESTORE_GAP,
@@ -388,7 +388,7 @@ class Projector:
                     chunk = lasts[i : i + WRITE_CHUNK]
                     sql = table.select_sql(len(chunk))
                     for values in self.db.execute(sql, [*prefix, *chunk]).fetchall():
-                        row = table.from_db(values)
+                        row = table.for_handlers(values)
                         uow.rows[(table.name, table.key_of(row))] = row
                     await asyncio.sleep(0)
 
@@ -478,7 +478,7 @@ class Projector:
             if row is None:
                 payload, headers = b"", {"KV-Operation": "DEL"}
             else:
-                payload, headers = orjson.dumps(row), None
+                payload, headers = orjson.dumps(row, default=json_default), None
             if i < last:
                 await nc.publish(subject, payload, headers=headers)
             else:

@@ -78,6 +78,19 @@ FINISHED = ("completed", "failed", "cancelled", "timed_out", "skipped")
 #: A live agent with no activity for this long counts as idle in summaries.
 IDLE_AFTER_S = 300.0
 
+TASK_JSON = frozenset(
+    {
+        "executor",
+        "resources",
+        "labels",
+        "result",
+        "error",
+        "options",
+        "blocked_details",
+        "depends_on",
+    }
+)
+
 TASKS = Table(
     name="tasks",
     columns=(
@@ -131,18 +144,9 @@ TASKS = Table(
         "last_seq",
     ),
     key=("tenant", "id"),
-    json_columns=frozenset(
-        {
-            "executor",
-            "resources",
-            "labels",
-            "result",
-            "error",
-            "options",
-            "blocked_details",
-            "depends_on",
-        }
-    ),
+    json_columns=TASK_JSON,
+    # Handlers read these from events, never from the row: all of them stay text.
+    opaque_json=TASK_JSON,
     ddl="""
     CREATE TABLE IF NOT EXISTS tasks (
         id TEXT NOT NULL,
