@@ -39,9 +39,11 @@ from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
 from pantheon_es.errors import (
+    ConcurrencyError,
     ConflictError,
     OverloadedError,
     PantheonError,
+    UnavailableError,
     UnschedulableError,
 )
 from pantheon_es.events import REGISTRY, Event, EventRecord
@@ -1033,27 +1035,36 @@ class Scheduler:
             if not history:
                 return
             created = history[0].event
+        commands = [
+            SubmitWorkflowTask.model_validate(
+                {
+                    **node.spec,
+                    "name": node.name,
+                    "task_id": node.task_id,
+                    "workflow_id": workflow_id,
+                    "node": node.name,
+                    "depends_on": node.depends_on,
+                    "correlation_id": created.correlation_id,
+                    "actor": created.actor,
+                }
+            )
+            for node in created.data.nodes
+        ]
         gate = asyncio.Semaphore(32)
 
-        async def submit(node: NodeSpec) -> None:
-            async with gate:  # validated in turn: the first node's task is created first
-                command = SubmitWorkflowTask.model_validate(
-                    {
-                        **node.spec,
-                        "name": node.name,
-                        "task_id": node.task_id,
-                        "workflow_id": workflow_id,
-                        "node": node.name,
-                        "depends_on": node.depends_on,
-                        "correlation_id": created.correlation_id,
-                        "actor": created.actor,
-                    }
-                )
+        async def submit(command: SubmitWorkflowTask) -> None:
+            async with gate:
                 with contextlib.suppress(ConflictError):  # created by an earlier run
                     await self.service.execute(tenant, command, known=(None, 0))
 
         try:
-            await asyncio.gather(*(submit(n) for n in created.data.nodes))
+            try:
+                # All at once, in atomic batches (docs/decisions.md, "A workflow's tasks
+                # in atomic batches")...
+                await self.service.create_all(tenant, commands)
+            except (ConcurrencyError, UnavailableError):
+                # ...or, when some exist already (an earlier run), one by one.
+                await asyncio.gather(*(submit(c) for c in commands))
         except PantheonError as err:
             log.warning("workflow tasks not all created", workflow_id=workflow_id, error=str(err))
             return

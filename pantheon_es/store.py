@@ -255,14 +255,23 @@ class EventStore:
     async def _publish_batch(
         self, subject: str, payloads: Sequence[bytes], msg_ids: Sequence[str], expected_seq: int
     ) -> int:
+        return await self._publish_atomic(
+            [
+                (subject, payload, msg_id, expected_seq if i == 0 else None)
+                for i, (payload, msg_id) in enumerate(zip(payloads, msg_ids, strict=True))
+            ]
+        )
+
+    async def _publish_atomic(self, messages: Sequence[tuple[str, bytes, str, int | None]]) -> int:
+        """Publish (subject, payload, msg id, expected subject seq or None) as one atomic
+        batch; returns the last message's sequence (the batch's are consecutive)."""
         batch_id = ids.new_id()
-        n = len(payloads)
+        n = len(messages)
         async with self._batch_slots:
-            for i, (payload, msg_id) in enumerate(zip(payloads, msg_ids, strict=True), start=1):
+            for i, (subject, payload, msg_id, expected) in enumerate(messages, start=1):
                 headers = {H_MSG_ID: msg_id, H_BATCH_ID: batch_id, H_BATCH_SEQ: str(i)}
-                if i == 1:
-                    # ADR-50: expectations only on the first message of a batch.
-                    headers[H_EXPECTED_SUBJECT_SEQ] = str(expected_seq)
+                if expected is not None:
+                    headers[H_EXPECTED_SUBJECT_SEQ] = str(expected)
                 if i < n:
                     await self.nc.publish(subject, payload, headers=headers)
                 else:
@@ -275,8 +284,55 @@ class EventStore:
         if error:
             raise _map_api_error(error.get("err_code"), error.get("description", ""))
         if ack.get("batch") != batch_id or ack.get("count") != n:
-            raise InternalError(f"unexpected batch ack for {subject}: {ack!r}")
+            raise InternalError(f"unexpected batch ack for {messages[-1][0]}: {ack!r}")
         return int(ack["seq"])
+
+    async def append_new(self, decisions: Sequence[Sequence[Event[Any]]]) -> list[int]:
+        """Append the decisions that create new aggregates, many to an atomic batch.
+
+        Each decision's events belong to one aggregate that must not exist yet: its
+        first message expects subject sequence 0. Decisions are packed, whole, into
+        atomic batches of up to MAX_BATCH messages, appended one after the other.
+        Returns each decision's last sequence.
+
+        Raises:
+            ConcurrencyError: an aggregate of a batch exists already; nothing of that
+                batch is stored (batches before it are).
+            UnavailableError: a batch was not acknowledged (it may have been stored).
+        """
+        chunks: list[list[tuple[str, bytes, str, int | None]]] = [[]]
+        ends: list[tuple[int, int]] = []  # (chunk, index of the decision's last message)
+        for events in decisions:
+            if not events or len(events) > MAX_BATCH:
+                raise ValueError(f"a decision appends 1 to {MAX_BATCH} events")
+            first = events[0]
+            key = (first.tenant, first.aggregate, first.aggregate_id)
+            if any((e.tenant, e.aggregate, e.aggregate_id) != key for e in events):
+                raise ValueError("all events of one decision must belong to one aggregate")
+            if len(chunks[-1]) + len(events) > MAX_BATCH:
+                chunks.append([])
+            subject = self.subjects.aggregate(*key)
+            chunks[-1] += [
+                (subject, encode(e), e.event_id, 0 if i == 0 else None)
+                for i, e in enumerate(events)
+            ]
+            ends.append((len(chunks) - 1, len(chunks[-1]) - 1))
+        firsts: list[int] = []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            try:
+                last = await self._publish_atomic(chunk)
+            except _WrongLastSequence as exc:
+                raise ConcurrencyError(
+                    "an aggregate to create exists already", details={"server": exc.description}
+                ) from None
+            except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                raise UnavailableError(
+                    "JetStream did not acknowledge a batch of new aggregates", retry_after=1.0
+                ) from exc
+            firsts.append(last - len(chunk) + 1)
+        return [firsts[c] + i for c, i in ends]
 
     async def landed_seq(
         self, subject: str, expected_seq: int, msg_ids: Sequence[str]

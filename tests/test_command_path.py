@@ -104,3 +104,18 @@ async def test_keyed_locks_serialise_one_key_and_forget_it_after() -> None:
     assert locks._locks == {}
     await hold("after", k1)
     assert order[-2:] == ["after+", "after-"]
+
+
+async def test_the_aggregate_cache_never_goes_back_to_an_older_state(store: Any) -> None:
+    """Acks can be handled out of order (create_all holds no per-key lock): a state
+    put with an older sequence than the cached one is ignored."""
+    from pantheon_es.aggregates import AGGREGATE_TYPES
+    from pantheon_es.service import AggregateCache
+
+    cache = AggregateCache(store, size=10)
+    key = ("default", "task", ids.new_id())
+    cache.put(key, "leased", 12)
+    cache.put(key, "submitted", 11)
+    assert await cache.load(AGGREGATE_TYPES["task"], "default", key[2]) == ("leased", 12)
+    cache.put(key, "completed", 13)
+    assert await cache.load(AGGREGATE_TYPES["task"], "default", key[2]) == ("completed", 13)

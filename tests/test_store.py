@@ -288,3 +288,26 @@ async def test_an_append_with_no_stream_behind_its_subject_fails_as_no_responder
     with pytest.raises(UnavailableError) as caught:  # never provisioned
         await store.append([submitted(ids.new_id())], expected_seq=0)
     assert isinstance(caught.value.__cause__, nats.errors.NoRespondersError)
+
+
+async def test_new_aggregates_go_in_atomic_batches_and_an_existing_one_stops_its_batch(
+    store: EventStore,
+) -> None:
+    a, b, c = ids.new_id(), ids.new_id(), ids.new_id()
+    seqs = await store.append_new([[submitted(a)], [submitted(b), cancelled(b)], [submitted(c)]])
+    first = seqs[0]
+    assert seqs == [first, first + 2, first + 3]
+    assert [h.seq for h in await store.read_aggregate("default", "task", b)] == [
+        first + 1,
+        first + 2,
+    ]
+
+    # More than one batch holds: 1,001 decisions in two, consecutive.
+    many = await store.append_new([[submitted(ids.new_id())] for _ in range(1001)])
+    assert many == list(range(first + 4, first + 4 + 1001))
+
+    # c exists: nothing of that batch is stored.
+    before = await store.last_seq()
+    with pytest.raises(ConcurrencyError):
+        await store.append_new([[submitted(ids.new_id())], [submitted(c)]])
+    assert await store.last_seq() == before

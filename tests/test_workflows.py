@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from pantheon_es import ids
 from pantheon_es.errors import InvalidError
 from pantheon_es.workflows import WorkflowNode, find_cycle, validate_graph
 from tests.conftest import Cluster, eventually, python
@@ -238,3 +239,33 @@ def test_a_workflow_task_is_not_redriven_on_its_own() -> None:
     assert refused.value.details["workflow_id"] == "01J0000000000000000000000W"
     alone = decide(replace(state, workflow_id=None), RedriveTask(task_id=task_id), ctx)
     assert [type(e).__name__ for e in alone.events] == ["TaskRedriven"]
+
+
+async def test_a_workflows_tasks_are_created_in_one_batch_and_again_harmlessly(
+    cluster: Cluster,
+) -> None:
+    """Its tasks go in one atomic batch; creating them again (a restart before the
+    workflow started) falls back to one by one, where existing tasks are no-ops."""
+    store = cluster.node.store
+    assert store is not None
+    created = await cluster.client.create_workflow("again", [node("a"), node("b", "a")])
+    workflow_id = created["workflow_id"]
+    await started(cluster, workflow_id)  # no worker: both stay pending
+    records = [await store.read_aggregate("default", "task", t) for t in created["tasks"].values()]
+    first = [r[0].seq for r in records]
+    assert max(first) - min(first) == 1  # neighbours in the log: one batch
+
+    before = await store.last_seq()
+    await cluster.node.scheduler._materialize("default", workflow_id)
+    assert await store.last_seq() == before  # nothing submitted twice, started already
+
+    # Some tasks exist and some do not (as after a crash between two batches): the
+    # batch is refused whole, and one by one creates exactly the missing one.
+    event = (await store.read_aggregate("default", "workflow", workflow_id))[0].event
+    nodes = list(event.data.nodes)
+    nodes[1] = nodes[1].model_copy(update={"task_id": ids.new_id()})
+    partly = event.model_copy(update={"data": event.data.model_copy(update={"nodes": nodes})})
+    await cluster.node.scheduler._materialize("default", workflow_id, partly)
+    assert await store.last_seq() == before + 1
+    missing = await store.read_aggregate("default", "task", nodes[1].task_id)
+    assert [h.event.type for h in missing] == ["TaskSubmitted"]
