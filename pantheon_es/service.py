@@ -264,8 +264,9 @@ class CommandService:
         """Decide commands that each create a new aggregate of a chosen id, and append
         them together (``EventStore.append_new``: atomic batches of up to 1,000 events).
 
-        For many creations at once (a workflow's tasks): one batch costs about what
-        20 single appends do. No idempotency keys. Raises ``ConcurrencyError`` when
+        For many creations at once (a workflow's tasks): 1,000 in one batch were
+        stored in 48 ms here, against 143 ms as single appends all in flight
+        (docs/decisions.md). No idempotency keys. Raises ``ConcurrencyError`` when
         one of them exists already (nothing of its batch is stored): the caller
         falls back to :meth:`execute` one by one.
         """

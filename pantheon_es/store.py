@@ -418,6 +418,7 @@ class EventStore:
         nothing for two of them starts a new consumer.
         """
         return EventFeed(
+            self.nc,
             self.js,
             self.stream,
             subject or self.subjects.all_events,
@@ -452,6 +453,7 @@ class EventFeed:
 
     def __init__(
         self,
+        nc: NATS,
         js: JetStreamContext,
         stream: str,
         subject: str,
@@ -460,6 +462,7 @@ class EventFeed:
         *,
         heartbeat: float = 5.0,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._stream = stream
         self._subject = subject
@@ -473,7 +476,6 @@ class EventFeed:
         self._dropping: asyncio.Task[None] | None = None
         self._resuming = asyncio.Lock()
         self._closed = False
-        nc = js._nc
         self._raw: Connection | None = nc if isinstance(nc, Connection) else None
         self._heartbeat = heartbeat
         self._dseq = 0  # the last consumer sequence of the current consumer (raw feeds)
@@ -596,14 +598,14 @@ class EventFeed:
         status = headers[: headers.find(b"\r\n")]
         if b"FlowControl" in status:
             if reply:  # everything delivered before it is kept already
-                self._spawn(self._js._nc.publish(reply.decode()))
+                self._spawn(self._nc.publish(reply.decode()))
             return
         if b"Idle Heartbeat" not in status:
             return
         fields = _header_fields(headers)
         stalled = fields.get(b"Nats-Consumer-Stalled")
         if stalled:
-            self._spawn(self._js._nc.publish(stalled.decode()))
+            self._spawn(self._nc.publish(stalled.decode()))
         last = fields.get(b"Nats-Last-Consumer")
         if last is not None and int(last) != self._dseq:
             self._reset()  # the server delivered messages this feed never saw
