@@ -207,15 +207,22 @@ class _Binding:
     event_type: type[EventData]
     fn: Handler
     load: Loader | None
+    creates: Loader | None
 
 
 def handles(
-    event_type: type[EventData], *, load: Loader | None = None
+    event_type: type[EventData], *, load: Loader | None = None, creates: Loader | None = None
 ) -> Callable[[Handler], Handler]:
-    """Mark a method as the handler of ``event_type``; ``load`` names the rows it reads."""
+    """Mark a method as the handler of ``event_type``; ``load`` names the rows it reads.
+
+    ``creates`` names the rows it always writes whole, reading nothing of them (a new
+    aggregate's row): a later event of the same batch that loads one of them gets the
+    batch's row, and the projector does not look for it in SQLite.
+    """
 
     def deco(fn: Handler) -> Handler:
-        fn.__pantheon_binding__ = _Binding(event_type, fn, load)  # type: ignore[attr-defined]
+        binding = _Binding(event_type, fn, load, creates)
+        fn.__pantheon_binding__ = binding  # type: ignore[attr-defined]
         return fn
 
     return deco
@@ -308,10 +315,10 @@ class ReadModel:
         if binding is not None:
             binding.fn(self, uow, event)
 
-    def route(self, event_type: str) -> tuple[Loader | None, BoundHandler | None]:
-        """This model's loader and handler of ``event_type``, bound (the projector's hot path:
-        it looks them up once per type, not once per event and model)."""
+    def route(self, event_type: str) -> tuple[Loader | None, BoundHandler | None, Loader | None]:
+        """This model's loader, handler (bound) and creator of ``event_type`` (the
+        projector's hot path: it looks them up once per type, not once per event and model)."""
         binding = self._bindings.get(event_type)
         if binding is None:
-            return None, None
-        return binding.load, binding.fn.__get__(self)
+            return None, None, None
+        return binding.load, binding.fn.__get__(self), binding.creates

@@ -122,6 +122,10 @@ def _listed(ev: EventRecord) -> list[tuple[Table, Key]]:
     return [(MESSAGES, (ev.tenant, message_id)) for message_id in ev.data["message_ids"]]
 
 
+def _message_row(ev: EventRecord) -> list[tuple[Table, Key]]:
+    return [(MESSAGES, (ev.tenant, ev.data["message_id"]))]
+
+
 def _listed_and_mailbox(ev: EventRecord) -> list[tuple[Table, Key]]:
     return [*_listed(ev), (MAILBOXES, (ev.tenant, ev.aggregate_id))]
 
@@ -179,7 +183,7 @@ class MessagesModel(ReadModel):
                 box["last_read_at"] = ev.occurred_at
         self._put_mailbox(uow, box)
 
-    @handles(MessageSent, load=aggregate_row(MAILBOXES))
+    @handles(MessageSent, load=aggregate_row(MAILBOXES), creates=_message_row)
     def sent(self, uow: Batch, ev: EventRecord) -> None:
         d = ev.data
         box = self._mailbox(uow, ev)

@@ -177,8 +177,8 @@ class Projector:
         self._run_finished = asyncio.Event()
         self._run_finished.set()
         self._tables: list[Table] = [t for m in self.models for t in m.tables]
-        #: event type -> (loaders, handlers) of every model, in model order
-        self._routes: dict[str, tuple[tuple[Loader, ...], tuple[BoundHandler, ...]]] = {}
+        #: event type -> (loaders, handlers, creators) of every model, in model order
+        self._routes: dict[str, _Route] = {}
 
     # -- life cycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> Projector:
@@ -354,29 +354,39 @@ class Projector:
         elif self.kv_enabled and self._kv_pending is None:
             self.kv_position = last_seq
 
-    def _route(self, event_type: str) -> tuple[tuple[Loader, ...], tuple[BoundHandler, ...]]:
+    def _route(self, event_type: str) -> _Route:
         loaders: list[Loader] = []
         handlers: list[BoundHandler] = []
+        creators: list[Loader] = []
         for model in self.models:
-            load, handle = model.route(event_type)
+            load, handle, creates = model.route(event_type)
             if load is not None:
                 loaders.append(load)
             if handle is not None:
                 handlers.append(handle)
-        route = self._routes[event_type] = (tuple(loaders), tuple(handlers))
+            if creates is not None:
+                creators.append(creates)
+        route = self._routes[event_type] = (tuple(loaders), tuple(handlers), tuple(creators))
         return route
 
     async def _load(self, uow: Batch, events: list[EventRecord]) -> None:
         wanted: dict[Table, set[Any]] = {}
+        #: rows an earlier event of the batch creates whole: nothing to look for in SQLite
+        created: set[tuple[str, Any]] = set()
         routes = self._routes
         for event in events:
             route = routes.get(event.type) or self._route(event.type)
             for load in route[0]:
                 for table, key in load(event):
+                    if (table.name, key) in created:
+                        continue
                     keys = wanted.get(table)
                     if keys is None:
                         keys = wanted[table] = set()
                     keys.add(key)
+            for create in route[2]:
+                for table, key in create(event):
+                    created.add((table.name, key))
         assert self.db is not None
         for table, keys in wanted.items():
             by_prefix: dict[tuple[Any, ...], list[Any]] = {}
@@ -508,6 +518,10 @@ class Projector:
         else:
             self.kv_position = self.position
         log.info("KV state resynced", entities=len(changed), through_seq=self.position)
+
+
+#: An event type's (loaders, bound handlers, creators) over every model.
+_Route = tuple[tuple[Loader, ...], tuple[BoundHandler, ...], tuple[Loader, ...]]
 
 
 def model_states_since(

@@ -236,7 +236,7 @@ class TasksModel(ReadModel):
         uow.put(TASKS, row)
         uow.publish(row["tenant"], MODEL, row["id"], row)
 
-    @handles(TaskSubmitted)
+    @handles(TaskSubmitted, creates=aggregate_row(TASKS))
     def submitted(self, uow: Batch, ev: EventRecord) -> None:
         d = ev.data
         at = ev.occurred_at
