@@ -30,6 +30,7 @@ from rich.table import Table
 from pantheon_es import logs
 from pantheon_es.client import PantheonClient, discover
 from pantheon_es.errors import PantheonError, UnavailableError
+from pantheon_es.gc_tuning import tune_gc
 
 T = TypeVar("T")
 
@@ -1165,8 +1166,6 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, w.request_stop)
         await w.start()
-        from pantheon_es.node import tune_gc
-
         tune_gc()  # a process of its own: the node's GC settings (docs/decisions.md)
         err.print(f"[green]worker[/green] {w.worker_id} ({tenant}) on {url}", highlight=False)
         await w.run()
@@ -1619,7 +1618,6 @@ def replay(
     live log, database and state bucket are only read. A failed replay leaves no
     file. See docs/operations.md, "Replay and verify".
     """
-    from pantheon_es.node import tune_gc
     from tools.events import parse_iso
     from tools.replay import replay as run_replay
 
@@ -1688,7 +1686,7 @@ def verify(
     capacity, terminal events, message order, dependencies), naming each event
     that breaks one. Exit code 0 if all agree, 1 on any difference or violation.
     """
-    from pantheon_es.node import DB_NAME, tune_gc
+    from pantheon_es.node import DB_NAME
     from tools.verify import verify as run_verify
 
     db_path = db if db is not None else data_dir / DB_NAME

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import sqlite3
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.endpoint import invalid, parse_body, respond
 from pantheon_es.errors import PantheonError, UnavailableError
 from pantheon_es.events import decode_record
+from pantheon_es.gc_tuning import tune_gc
 from pantheon_es.leader import Leadership
 from pantheon_es.pool import Supervisor, read_side_child, worker_children
 from pantheon_es.scheduler import Scheduler, SchedulerConfig
@@ -83,19 +83,6 @@ class NodeConfig:
     read_linger: float | None = None
     #: Scheduler leadership lease, seconds (0: no election; this node always schedules).
     leader_ttl: float = 5.0
-
-
-def tune_gc() -> None:
-    """Freeze what start-up allocated and collect the young generation less often.
-
-    The projector and the service allocate a few objects per event; with the
-    default thresholds CPython's full collections rescan every long-lived
-    object (modules, models, caches) over and over. Measured on the projector
-    catch-up: 14.4k events/s by default, 18.1k after this (docs/decisions.md).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
 
 
 class Node:

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 
 from pantheon_es import connection
 from pantheon_es.client import PantheonClient, close_connection
+from pantheon_es.gc_tuning import tune_gc
 from pantheon_es.retention import Janitor
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
@@ -180,8 +181,6 @@ async def _read_side(
         linger=linger,
     )
     await side.start()
-    from pantheon_es.node import tune_gc  # here: the node imports this module
-
     tune_gc()  # a process of its own: the node's GC settings (docs/decisions.md)
     log.info("read side running", db=str(data_dir / "projections.db"))
     running.set()

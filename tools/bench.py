@@ -39,7 +39,7 @@ from nats.js.api import DeliverPolicy
 from pantheon_es import connection, ids, logs
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.events import Event, encode, make_event
-from pantheon_es.node import tune_gc
+from pantheon_es.gc_tuning import tune_gc
 from pantheon_es.specs import Resources, ShellSpec
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects

@@ -50,8 +50,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pantheon_es import connection, ids, logs
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.events import EventData, encode, make_event
+from pantheon_es.gc_tuning import tune_gc
 from pantheon_es.mailbox import MessagesDelivered, MessageSent
-from pantheon_es.node import DB_NAME, tune_gc
+from pantheon_es.node import DB_NAME
 from pantheon_es.specs import PythonSpec, Resources
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects

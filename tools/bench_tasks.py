@@ -36,7 +36,7 @@ import psutil
 
 from pantheon_es import connection, ids, logs
 from pantheon_es.client import PantheonClient
-from pantheon_es.node import tune_gc
+from pantheon_es.gc_tuning import tune_gc
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
 from tools.bench import pipelined, raw_append, submitted

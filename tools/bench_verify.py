@@ -33,7 +33,7 @@ import orjson
 from pantheon_es import connection, ids, logs
 from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.events import EventData, EventRecord, decode_record, make_event
-from pantheon_es.node import tune_gc
+from pantheon_es.gc_tuning import tune_gc
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
 from pantheon_es.tasks import LeaseGranted, LeaseRenewed, TaskCompleted, TaskStarted
