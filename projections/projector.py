@@ -99,6 +99,9 @@ def current_digest() -> str:
 
 #: Rows written per executemany call; the loop gets a turn between chunks.
 WRITE_CHUNK = 256
+#: WAL pages before an automatic checkpoint: SQLite's default live, more in catch_up.
+WAL_PAGES = 1000
+BULK_WAL_PAGES = 20_000
 
 
 async def connect(db_path: Path | str) -> aiosqlite.Connection:
@@ -261,17 +264,25 @@ class Projector:
         target = until_seq if until_seq is not None else await self.store.last_seq()
         if self.position >= target:
             return self.position
-        async with self.store.feed(from_seq=self.position + 1) as feed:
-            while self.position < target:
-                batch = await feed.next_batch(self.batch_size, timeout=10)
-                if not batch:
-                    raise TimeoutError(f"no events after {self.position} (target {target})")
-                if batch and batch[-1].seq > target:
-                    batch = [r for r in batch if r.seq <= target]
-                if batch:
-                    await self.apply(batch)
-                if progress is not None:
-                    progress(self.position, target)
+        assert self.db is not None, "Projector.open() first"
+        # A bulk load: let the WAL grow to BULK_WAL_PAGES before it is checkpointed into
+        # the database, so pages written over and over are copied once (docs/decisions.md).
+        self.db.execute(f"PRAGMA wal_autocheckpoint={BULK_WAL_PAGES}")
+        try:
+            async with self.store.feed(from_seq=self.position + 1) as feed:
+                while self.position < target:
+                    batch = await feed.next_batch(self.batch_size, timeout=10)
+                    if not batch:
+                        raise TimeoutError(f"no events after {self.position} (target {target})")
+                    if batch and batch[-1].seq > target:
+                        batch = [r for r in batch if r.seq <= target]
+                    if batch:
+                        await self.apply(batch)
+                    if progress is not None:
+                        progress(self.position, target)
+        finally:
+            if self.db is not None:
+                self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
         return self.position
 
     async def shutdown(self) -> None:

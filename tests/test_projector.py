@@ -331,3 +331,24 @@ async def test_one_batch_or_one_event_per_batch_gives_the_same_read_models(
     assert dumps[0] == dumps[1]
     assert len(dumps[0]["messages"]) == 12
     assert {r[0] for r in dumps[0]["tasks"]} == set(tids)
+
+
+async def test_catch_up_checkpoints_in_bulk_and_live_again_after(
+    stack: Stack, tmp_path: Path
+) -> None:
+    await submit_many(stack, 3)
+    projector = Projector(stack.store, tmp_path / "bulk.db", kv=False)
+    await projector.open()
+    try:
+        seen: list[int] = []
+
+        def progress(position: int, target: int) -> None:
+            assert projector.db is not None
+            seen.append(projector.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+        await projector.catch_up(progress=progress)
+        assert projector.db is not None
+        assert seen and set(seen) == {20_000}
+        assert projector.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    finally:
+        await projector.shutdown()
