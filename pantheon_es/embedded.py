@@ -108,6 +108,7 @@ class EmbeddedNats:
         sync_interval: str | None = None,
         host: str = "127.0.0.1",
         startup_timeout: float = 20.0,
+        port: int | None = None,
     ) -> None:
         self.base_dir = Path(base_dir)
         self.store_dir = self.base_dir / "store"
@@ -116,6 +117,8 @@ class EmbeddedNats:
         self.sync_interval = sync_interval
         self.host = host
         self.startup_timeout = startup_timeout
+        #: The client port; None: a free one chosen by the server at each start.
+        self.port = port
         self.process: subprocess.Popen[bytes] | None = None
         self._binary = Path("nats-server")
         self.url = ""
@@ -141,6 +144,7 @@ class EmbeddedNats:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob("*.ports"):
             stale.unlink()
+        self.url = self.monitor_url = ""  # read back from this start's ports file
         config = self.config_file
         if config != CONFIG_FILE:
             config.write_text(config_text(self.sync_interval))
@@ -149,7 +153,7 @@ class EmbeddedNats:
             "-c", str(config),
             "-js",
             "-a", self.host,
-            "-p", "-1",
+            "-p", str(self.port if self.port is not None else -1),
             "-m", "-1",
             "-sd", str(self.store_dir),
             "--ports_file_dir", str(self.run_dir),

@@ -5,16 +5,21 @@ ordered consumer for clients that are not a :class:`Connection`."""
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 
-from pantheon_es import ids
+from pantheon_es import connection, ids
+from pantheon_es.embedded import EmbeddedNats
+from pantheon_es.errors import PantheonError
 from pantheon_es.specs import Resources, ShellSpec
 from pantheon_es.store import EventFeed, EventStore, RawEvent, StoreConfig
 from pantheon_es.subjects import Subjects
 from pantheon_es.tasks import TaskSubmitted
+from tests.conftest import eventually
 from tests.test_store import _event, submitted
 
 
@@ -126,3 +131,37 @@ async def test_a_plain_nats_py_client_gets_the_same_feed(
     finally:
         await plain.close()
     assert [g.seq for g in got] == seqs
+
+
+async def test_a_feed_follows_the_log_across_a_server_restart(tmp_path: Path) -> None:
+    """The server stops and starts again on the same port and store: the connection
+    reconnects, the feed's consumer is gone with the old server, and the watchdog
+    starts a new one after the last event kept."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = EmbeddedNats(tmp_path / "nats", port=port)
+    await asyncio.to_thread(server.start)
+    nc = await connection.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    try:
+        store = EventStore(nc, Subjects("restart"), StoreConfig())
+        await store.provision()
+        seqs = await _append(store, 5)
+        async with store.feed(from_seq=1, heartbeat=0.3) as feed:
+            first = await _read(feed, 5)
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+
+            async def appended() -> list[int]:
+                try:
+                    return await _append(store, 5)
+                except PantheonError:
+                    return []  # JetStream not back yet
+
+            more = await eventually(appended, timeout=20, interval=0.2)
+            rest = await _read(feed, 5, timeout=10)
+            assert feed.resets >= 1
+        assert [g.seq for g in first + rest] == seqs + more
+    finally:
+        await nc.close()
+        await asyncio.to_thread(server.stop)
