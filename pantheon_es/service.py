@@ -285,8 +285,7 @@ class CommandService:
                 results.append({**plan.result, "seq": 0})
                 continue
             seq = next(seqs)
-            kind = aggregates.AGGREGATE_TYPES[plan.key[1]]
-            self.cache.put(plan.key, kind.fold(plan.events, None), seq)
+            self._cache(plan, seq)
             results.append({**plan.result, "seq": seq})
         return results
 
@@ -340,11 +339,15 @@ class CommandService:
     async def _append(self, plan: _Plan) -> int:
         """Append a plan's events; returns the last sequence. Updates the cache."""
         result = await self.store.append(plan.events, expected_seq=plan.expected_seq)
-        kind = aggregates.AGGREGATE_TYPES[plan.key[1]]
-        self.cache.put(plan.key, kind.fold(plan.events, plan.state), result.last_seq)
+        self._cache(plan, result.last_seq)
         structlog.contextvars.bind_contextvars(stream_seq=result.last_seq)
         log.debug("events appended", count=len(plan.events), stream_seq=result.last_seq)
         return result.last_seq
+
+    def _cache(self, plan: _Plan, last_seq: int) -> None:
+        """Remember the aggregate's state after a plan's events, stored up to ``last_seq``."""
+        kind = aggregates.AGGREGATE_TYPES[plan.key[1]]
+        self.cache.put(plan.key, kind.fold(plan.events, plan.state), last_seq)
 
     def _key(self, tenant: str, command: Command) -> tuple[str, str, str]:
         target = command.target_id()

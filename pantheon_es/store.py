@@ -186,19 +186,7 @@ class EventStore:
             ConcurrencyError: the aggregate moved past ``expected_seq``.
             UnavailableError: JetStream did not acknowledge after all attempts.
         """
-        if not events:
-            raise ValueError("append needs at least one event")
-        if len(events) > MAX_BATCH:
-            raise ValueError(f"one decision may append at most {MAX_BATCH} events")
-        first = events[0]
-        subject = self.subjects.aggregate(first.tenant, first.aggregate, first.aggregate_id)
-        for ev in events[1:]:
-            if (ev.tenant, ev.aggregate, ev.aggregate_id) != (
-                first.tenant,
-                first.aggregate,
-                first.aggregate_id,
-            ):
-                raise ValueError("all events of one append must belong to one aggregate")
+        subject = self._decision_subject(events)
         payloads = [encode(ev) for ev in events]
         msg_ids = [ev.event_id for ev in events]
         attempts = self.config.append_attempts
@@ -238,6 +226,16 @@ class EventStore:
                     ) from exc
                 await asyncio.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
+
+    def _decision_subject(self, events: Sequence[Event[Any]]) -> str:
+        """The subject of one decision's events: 1 to MAX_BATCH events of one aggregate."""
+        if not events or len(events) > MAX_BATCH:
+            raise ValueError(f"one decision appends 1 to {MAX_BATCH} events")
+        first = events[0]
+        key = (first.tenant, first.aggregate, first.aggregate_id)
+        if any((e.tenant, e.aggregate, e.aggregate_id) != key for e in events):
+            raise ValueError("all events of one decision must belong to one aggregate")
+        return self.subjects.aggregate(*key)
 
     async def _publish_one(
         self, subject: str, payload: bytes, msg_id: str, expected_seq: int
@@ -303,15 +301,9 @@ class EventStore:
         chunks: list[list[tuple[str, bytes, str, int | None]]] = [[]]
         ends: list[tuple[int, int]] = []  # (chunk, index of the decision's last message)
         for events in decisions:
-            if not events or len(events) > MAX_BATCH:
-                raise ValueError(f"a decision appends 1 to {MAX_BATCH} events")
-            first = events[0]
-            key = (first.tenant, first.aggregate, first.aggregate_id)
-            if any((e.tenant, e.aggregate, e.aggregate_id) != key for e in events):
-                raise ValueError("all events of one decision must belong to one aggregate")
+            subject = self._decision_subject(events)
             if len(chunks[-1]) + len(events) > MAX_BATCH:
                 chunks.append([])
-            subject = self.subjects.aggregate(*key)
             chunks[-1] += [
                 (subject, encode(e), e.event_id, 0 if i == 0 else None)
                 for i, e in enumerate(events)
@@ -517,7 +509,7 @@ class EventFeed:
         )
 
     def _keep(self, msg: Msg) -> None:
-        seq, timestamp_ns, pending = _ack_fields(msg.reply)
+        seq, _dseq, timestamp_ns, pending = _ack_fields(msg.reply.split("."))
         if seq > self._last:  # an ordered-consumer reset may deliver again what was kept
             self._append(RawEvent(seq, msg.subject, msg.data, timestamp_ns, pending))
 
@@ -579,13 +571,7 @@ class EventFeed:
             )
 
     def _keep_raw(self, subject: bytes, reply: bytes, data: bytes) -> None:
-        t = reply.split(b".")
-        # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>
-        # v2: $JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>...
-        if len(t) == 9:
-            seq, dseq, timestamp_ns, pending = int(t[5]), int(t[6]), int(t[7]), int(t[8])
-        else:
-            seq, dseq, timestamp_ns, pending = int(t[7]), int(t[8]), int(t[9]), int(t[10])
+        seq, dseq, timestamp_ns, pending = _ack_fields(reply.split(b"."))
         if dseq != self._dseq + 1:
             self._reset()  # a message of this consumer went missing
             return
@@ -817,14 +803,14 @@ def _map_api_error(err_code: int | None, description: str) -> PantheonError:
     return UnavailableError(f"JetStream refused the append ({err_code}): {description}")
 
 
-def _ack_fields(reply: str) -> tuple[int, int, int]:
-    """(stream seq, timestamp ns, pending) from a JetStream ack subject, v1 or v2 layout."""
-    t = reply.split(".")
+def _ack_fields(t: Sequence[str] | Sequence[bytes]) -> tuple[int, int, int, int]:
+    """(stream seq, consumer seq, timestamp ns, pending) from the tokens of a JetStream
+    ack subject (split on dots, as text or bytes), v1 or v2 layout."""
     # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>
     # v2: $JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>...
     if len(t) == 9:
-        return int(t[5]), int(t[7]), int(t[8])
-    return int(t[7]), int(t[9]), int(t[10])
+        return int(t[5]), int(t[6]), int(t[7]), int(t[8])
+    return int(t[7]), int(t[8]), int(t[9]), int(t[10])
 
 
 def _seq_of(msg: Msg) -> int:

@@ -111,7 +111,8 @@ class Table:
 
     @cached_property
     def _parsed_json(self) -> tuple[str, ...]:
-        return tuple(c for c in self.columns if c in self.json_columns - self.opaque_json)
+        parsed = self.json_columns - self.opaque_json
+        return tuple(c for c in self.columns if c in parsed)
 
     @cached_property
     def _opaque_json(self) -> tuple[str, ...]:
