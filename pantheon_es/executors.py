@@ -59,6 +59,8 @@ DEFAULT_KILL_GRACE: Final = 5.0
 DEFAULT_MAX_RESULT_BYTES: Final = 16 * 1024 * 1024
 #: Tracebacks and messages in failures are capped (ErrorInfo.message allows 20,000).
 MAX_ERROR_CHARS: Final = 20_000
+#: A dependency's result up to this many characters also goes in an environment variable.
+MAX_INPUT_ENV: Final = 8192
 #: An agent's result: the last stdout line starting with this, followed by JSON.
 RESULT_MARKER: Final = "PANTHEON_RESULT "
 
@@ -108,16 +110,32 @@ class TaskContext:
     inputs: dict[str, Any] | None = None
 
     def env(self) -> dict[str, str]:
-        """Environment variables a child process gets so it can talk to Pantheon."""
-        return {
+        """Environment variables a child process gets so it can talk to Pantheon.
+
+        A workflow task's process also gets its inputs: ``PANTHEON_INPUTS_FILE`` (all
+        of them, a JSON file written now in the output directory) and
+        ``PANTHEON_INPUT_<NODE>`` for each result up to 8 KiB. Only processes need
+        the file: python functions get ``inputs`` as an argument.
+        """
+        env = {
             "PANTHEON_NATS_URL": self.nats_url,
             "PANTHEON_NAMESPACE": self.namespace,
             "PANTHEON_TENANT": self.tenant,
             "PANTHEON_TASK_ID": self.task_id,
             "PANTHEON_LEASE_ID": self.lease_id,
             "PANTHEON_FENCING_TOKEN": str(self.fencing_token),
-            **self.extra_env,
         }
+        if self.inputs is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / "inputs.json"
+            path.write_bytes(orjson.dumps(self.inputs))
+            env["PANTHEON_INPUTS_FILE"] = str(path)
+            for node, value in self.inputs.items():
+                text = orjson.dumps(value).decode()
+                if len(text) <= MAX_INPUT_ENV:
+                    env[f"PANTHEON_INPUT_{re.sub(r'[^A-Za-z0-9]', '_', node).upper()}"] = text
+        env.update(self.extra_env)
+        return env
 
 
 class Executor(Protocol):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -406,17 +405,6 @@ class Worker:
             )
             return str(sent["message_id"])
 
-        inputs = offer.get("inputs")
-        extra_env: dict[str, str] = {}
-        if inputs is not None:  # a workflow task: its dependencies' results, for processes too
-            output_dir.mkdir(parents=True, exist_ok=True)
-            path = output_dir / "inputs.json"
-            path.write_bytes(orjson.dumps(inputs))
-            extra_env["PANTHEON_INPUTS_FILE"] = str(path)
-            for node, value in inputs.items():
-                text = orjson.dumps(value).decode()
-                if len(text) <= 8192:
-                    extra_env[f"PANTHEON_INPUT_{re.sub(r'[^A-Za-z0-9]', '_', node).upper()}"] = text
         return TaskContext(
             task_id=offer["task_id"],
             tenant=execution.tenant or self.config.tenant,
@@ -433,8 +421,7 @@ class Worker:
             send=send,
             mark_activity=mark,
             add_pid=execution.usage.add,
-            extra_env=extra_env,
-            inputs=inputs,
+            inputs=offer.get("inputs"),  # a workflow task: its dependencies' results
         )
 
     async def _execute(self, execution: Execution) -> None:

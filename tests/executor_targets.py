@@ -110,3 +110,7 @@ def runs_until_cancelled(ctx: PythonTaskContext) -> str:
 
 async def raises_cancelled() -> None:
     raise asyncio.CancelledError  # not a cancel of the task running it
+
+
+def echo_inputs(inputs: dict[str, object]) -> dict[str, object]:
+    return inputs
