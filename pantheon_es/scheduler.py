@@ -29,6 +29,7 @@ import heapq
 import itertools
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -193,6 +194,8 @@ class _Interned:
 _SHARED = _Interned()
 #: Offers one work message may carry.
 OFFERS_PER_MESSAGE = 256
+#: A workflow's tasks are created in batches of this many, then twice as many each time.
+MATERIALIZE_FIRST = 50
 
 
 def _json_key(value: Any) -> bytes:
@@ -1035,8 +1038,9 @@ class Scheduler:
             if not history:
                 return
             created = history[0].event
-        commands = [
-            SubmitWorkflowTask.model_validate(
+
+        def command(node: NodeSpec) -> SubmitWorkflowTask:
+            return SubmitWorkflowTask.model_validate(
                 {
                     **node.spec,
                     "name": node.name,
@@ -1048,23 +1052,25 @@ class Scheduler:
                     "actor": created.actor,
                 }
             )
-            for node in created.data.nodes
-        ]
+
+        nodes = in_dependency_order(created.data.nodes)
         gate = asyncio.Semaphore(32)
 
-        async def submit(command: SubmitWorkflowTask) -> None:
+        async def submit(node: NodeSpec) -> None:
             async with gate:
                 with contextlib.suppress(ConflictError):  # created by an earlier run
-                    await self.service.execute(tenant, command, known=(None, 0))
+                    await self.service.execute(tenant, command(node), known=(None, 0))
 
         try:
             try:
-                # All at once, in atomic batches (docs/decisions.md, "A workflow's tasks
-                # in atomic batches")...
-                await self.service.create_all(tenant, commands)
+                # In atomic batches (docs/decisions.md, "A workflow's tasks in atomic
+                # batches"), dependencies first, the first batches small: the first
+                # layer is stored, placed and running while the rest are decided.
+                for chunk in growing_chunks(nodes, MATERIALIZE_FIRST):
+                    await self.service.create_all(tenant, [command(n) for n in chunk])
             except (ConcurrencyError, UnavailableError):
                 # ...or, when some exist already (an earlier run), one by one.
-                await asyncio.gather(*(submit(c) for c in commands))
+                await asyncio.gather(*(submit(n) for n in nodes))
         except PantheonError as err:
             log.warning("workflow tasks not all created", workflow_id=workflow_id, error=str(err))
             return
@@ -1144,3 +1150,32 @@ class Scheduler:
         self._spawn(
             self.nc.publish(self.subjects.work(task.tenant, lease.worker_id), orjson.dumps(message))
         )
+
+
+def in_dependency_order(nodes: list[NodeSpec]) -> list[NodeSpec]:
+    """The nodes by depth (a node after all its dependencies), in their order within
+    a depth. The graph was checked acyclic when the workflow was created."""
+    by_id = {n.task_id: n for n in nodes}
+    depth: dict[str, int] = {}
+    for node in nodes:
+        stack = [node]
+        while stack:  # iterative: a chain of thousands of nodes must not overflow
+            top = stack[-1]
+            missing = [by_id[d] for d in top.depends_on if d in by_id and d not in depth]
+            if missing:
+                stack.extend(missing)
+                continue
+            stack.pop()
+            depth[top.task_id] = 1 + max(
+                (depth[d] for d in top.depends_on if d in depth), default=-1
+            )
+    return sorted(nodes, key=lambda n: depth[n.task_id])
+
+
+def growing_chunks(items: list[Any], first: int) -> Iterator[list[Any]]:
+    """``items`` in consecutive chunks of ``first``, then twice as many each time."""
+    size, start = max(1, first), 0
+    while start < len(items):
+        yield items[start : start + size]
+        start += size
+        size *= 2

@@ -8,7 +8,8 @@ import pytest
 
 from pantheon_es import ids
 from pantheon_es.errors import InvalidError
-from pantheon_es.workflows import WorkflowNode, find_cycle, validate_graph
+from pantheon_es.scheduler import growing_chunks, in_dependency_order
+from pantheon_es.workflows import NodeSpec, WorkflowNode, find_cycle, validate_graph
 from tests.conftest import Cluster, eventually, python
 
 
@@ -269,3 +270,32 @@ async def test_a_workflows_tasks_are_created_in_one_batch_and_again_harmlessly(
     assert await store.last_seq() == before + 1
     missing = await store.read_aggregate("default", "task", nodes[1].task_id)
     assert [h.event.type for h in missing] == ["TaskSubmitted"]
+
+
+def _node(task_id: str, *deps: str) -> NodeSpec:
+    return NodeSpec(name=task_id.lower(), task_id=task_id, depends_on=list(deps), spec={})
+
+
+def test_tasks_are_created_dependencies_first() -> None:
+    # Listed in an order where dependents come before what they depend on.
+    nodes = [_node("D", "B", "C"), _node("C", "A"), _node("B", "A"), _node("A"), _node("E")]
+    order = [n.task_id for n in in_dependency_order(nodes)]
+    assert order == ["A", "E", "C", "B", "D"]  # by depth, file order within a depth
+    for i, task_id in enumerate(order):
+        node = next(n for n in nodes if n.task_id == task_id)
+        assert all(order.index(d) < i for d in node.depends_on)
+
+
+def test_a_long_chain_is_ordered_without_recursion() -> None:
+    chain = [_node("T0")] + [_node(f"T{i}", f"T{i - 1}") for i in range(1, 5000)]
+    ordered = in_dependency_order(list(reversed(chain)))
+    assert [n.task_id for n in ordered] == [n.task_id for n in chain]
+
+
+def test_growing_chunks_cover_every_item_once() -> None:
+    items = list(range(1000))
+    chunks = list(growing_chunks(items, 50))
+    assert [len(c) for c in chunks] == [50, 100, 200, 400, 250]
+    assert [x for c in chunks for x in c] == items
+    assert list(growing_chunks([], 50)) == []
+    assert list(growing_chunks([1, 2, 3], 0)) == [[1], [2, 3]]
