@@ -119,8 +119,11 @@ def templates() -> dict[str, bytes]:
     }  # fmt: skip
 
 
-def events(n: int, subjects: Subjects, first_task: int = 0) -> Iterator[tuple[str, bytes]]:
-    """(subject, payload) of ``n`` events: workers first, then task lives."""
+def events(
+    n: int, subjects: Subjects, first_task: int = 0, *, messages: bool = True
+) -> Iterator[tuple[str, bytes]]:
+    """(subject, payload) of ``n`` events: workers first, then task lives (every
+    100th task left pending; with ``messages``, every other one sends a message)."""
     t = templates()
     workers = [ids.new_id() for _ in range(WORKERS)]
     made = 0
@@ -142,7 +145,7 @@ def events(n: int, subjects: Subjects, first_task: int = 0) -> Iterator[tuple[st
         subject = subjects.aggregate(TENANT, "task", task.decode())
         mailbox = subjects.aggregate(TENANT, "mailbox", task.decode())
         life = ["submitted"] if i % 100 == 99 else ["submitted", "granted", "started", "completed"]
-        if i % 2 == 0:
+        if messages and i % 2 == 0:
             life[1:1] = ["sent", "delivered"]
         message = ids.new_id().encode()
         for kind in life:
@@ -186,6 +189,11 @@ async def publish(nc: NATS, store: EventStore, items: Iterator[tuple[str, bytes]
     if stored != n:
         raise SystemExit(f"published {n} events but the stream stored {stored}")
     return elapsed
+
+
+def lives_events(tasks: int) -> int:
+    """How many events ``events(..., messages=False)`` makes for ``tasks`` task lives."""
+    return WORKERS + 4 * tasks - 3 * (tasks // 100)
 
 
 def _progress() -> Progress:

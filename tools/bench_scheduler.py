@@ -17,6 +17,10 @@ measures from this process, as a client would:
   pending; then, for the smallest N, after every task completed, so the
   history holds N completed tasks and the live set is empty. The node
   process's resident memory is printed too.
+* **a long history** (``--history N``): N task lives (submitted, leased,
+  started, completed; every 100th left pending) generated into a log of
+  their own, the read models rebuilt from it, and a fresh scheduler's live set
+  loaded from them (traced as above): what a million finished tasks cost it.
 * **1,000-node DAG**: 10 layers x 100 no-op python tasks, each depending on
   two of the layer before, through ``pantheon up`` with 2 worker processes:
   from the create request to the notice of ``WorkflowFinished``.
@@ -43,10 +47,14 @@ from typing import Any
 
 import orjson
 
-from pantheon_es import ids, logs
+from pantheon_es import connection, ids, logs
 from pantheon_es.client import PantheonClient
+from pantheon_es.embedded import EmbeddedNats
 from pantheon_es.scheduler import Scheduler
+from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
+from projections.projector import rebuild
+from tools.bench_replay import events, lives_events, publish
 from tools.bench_tasks import Node, percentile, wait_workers
 
 NOOP = {"kind": "python", "target": "tools.bench_targets:noop"}
@@ -233,6 +241,29 @@ def layered_dag() -> list[dict[str, Any]]:
     return nodes
 
 
+async def long_history(base: Path, tasks: int) -> dict[str, Any]:
+    """A fresh scheduler's live set over a log of ``tasks`` generated task lives."""
+    with EmbeddedNats(base / "history-nats") as server:
+        nc = await connection.connect(server.url, pending_size=256 * 1024 * 1024)
+        try:
+            store = EventStore(nc, Subjects(), StoreConfig())
+            await store.provision()
+            n = lives_events(tasks)
+            await publish(nc, store, events(n, store.subjects, messages=False), n)
+            db = base / "history.db"
+            started = time.perf_counter()
+            head = await rebuild(store, db)
+            rebuilt = time.perf_counter() - started
+        finally:
+            await nc.close()
+    return {
+        "tasks": tasks,
+        "events": head,
+        "rebuild_s": round(rebuilt, 1),
+        "live_set": live_set_memory(db),
+    }
+
+
 async def dag(base: Path, runs: int) -> dict[str, Any]:
     data = base / "dag"
     data.mkdir()
@@ -273,6 +304,12 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=50)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--dag-runs", type=int, default=3)
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="Also measure the live set over a log of this many task lives (e.g. 1000000).",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--keep", type=Path, help="Keep the nodes' data here (default: a temp dir)."
@@ -295,6 +332,9 @@ async def main() -> None:
         if args.dag_runs:
             print("1,000-node DAG ...", file=sys.stderr)
             report["dag"] = await dag(base, args.dag_runs)
+        if args.history:
+            print(f"a history of {args.history:,} task lives ...", file=sys.stderr)
+            report["history"] = await long_history(base, args.history)
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return
@@ -313,6 +353,12 @@ async def main() -> None:
                   f"live set {a['live_set']['live_tasks']} tasks, {a['live_set']['scheduler_mb']} "
                   f"MiB, loaded in {a['live_set']['bootstrap_s']} s; node RSS "
                   f"{a['node_rss_mb']} MiB")  # fmt: skip
+    if "history" in report:
+        h, m = report["history"], report["history"]["live_set"]
+        print(f"history of {h['tasks']:,} task lives ({h['events']:,} events, read models "
+              f"rebuilt in {h['rebuild_s']} s): scheduler live set {m['live_tasks']} tasks, "
+              f"{m['scheduler_mb']} MiB, loaded in {m['bootstrap_s']} s; tasks by status "
+              f"{m['history_tasks']}")  # fmt: skip
     if "dag" in report:
         g = report["dag"]
         print(
