@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 
 from pantheon_es.errors import InvalidError
@@ -55,6 +56,13 @@ async def test_watch_started_mid_run_ends_with_exactly_the_read_models_state(
     await c.send_message(talker, "before the watch", sender=early[0])
     for t in early:
         await c.wait_for_task(t, timeout=30)
+    # The bucket trails the read models by up to a KV interval (writes are merged).
+    projector = node.read.projector
+
+    async def kv_at_head() -> bool:
+        return bool(projector.kv_position >= await node.store.last_seq())
+
+    await eventually(kv_at_head, timeout=20)
 
     # A subscriber starts mid-run: the current values first.
     watch = StateWatch(node.nc, tenant="default", subjects=node.subjects)
@@ -90,6 +98,7 @@ async def test_watch_started_mid_run_ends_with_exactly_the_read_models_state(
             await c.archive_task(t, "test")
 
         # The CLI sees the same current values (with a filter, and --once to exit).
+        await eventually(kv_at_head, timeout=20)
         args = ("--nats-url", cluster.url, "--namespace", cluster.root)
         done = await asyncio.to_thread(
             run, "watch", "task", "--filter", "status=cancelled", "--once", "--json", *args,
@@ -103,7 +112,7 @@ async def test_watch_started_mid_run_ends_with_exactly_the_read_models_state(
 
         worker.request_stop()  # no more heartbeats: the state comes to rest
         await asyncio.wait_for(worker._runner, 30)
-        store, projector = node.store, node.read.projector
+        store = node.store
 
         async def settled() -> bool:
             last = await store.last_seq()
@@ -146,7 +155,11 @@ async def test_mailbox_state_counts_pending_by_priority_and_unread(stack: Stack)
     kv = await stack.nc.jetstream().key_value(stack.store.subjects.state_bucket)
 
     async def state() -> dict[str, Any]:
-        box: dict[str, Any] = json.loads((await kv.get(f"default.mailbox.{agent}")).value)
+        try:
+            entry = await kv.get(f"default.mailbox.{agent}")
+        except nats.js.errors.KeyNotFoundError:
+            raise AssertionError("not in the bucket yet") from None
+        box: dict[str, Any] = json.loads(entry.value)
         assert box["unread"] == 1
         return box
 
