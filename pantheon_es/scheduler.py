@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import graphlib
 import heapq
 import itertools
 import time
@@ -1155,21 +1156,17 @@ class Scheduler:
 def in_dependency_order(nodes: list[NodeSpec]) -> list[NodeSpec]:
     """The nodes by depth (a node after all its dependencies), in their order within
     a depth. The graph was checked acyclic when the workflow was created."""
-    by_id = {n.task_id: n for n in nodes}
-    depth: dict[str, int] = {}
-    for node in nodes:
-        stack = [node]
-        while stack:  # iterative: a chain of thousands of nodes must not overflow
-            top = stack[-1]
-            missing = [by_id[d] for d in top.depends_on if d in by_id and d not in depth]
-            if missing:
-                stack.extend(missing)
-                continue
-            stack.pop()
-            depth[top.task_id] = 1 + max(
-                (depth[d] for d in top.depends_on if d in depth), default=-1
-            )
-    return sorted(nodes, key=lambda n: depth[n.task_id])
+    index = {n.task_id: i for i, n in enumerate(nodes)}
+    sorter = graphlib.TopologicalSorter(
+        {n.task_id: [d for d in n.depends_on if d in index] for n in nodes}
+    )
+    sorter.prepare()
+    order: list[NodeSpec] = []
+    while sorter.is_active():
+        ready = sorter.get_ready()  # one depth: every node whose dependencies came before
+        order += sorted((nodes[index[t]] for t in ready), key=lambda n: index[n.task_id])
+        sorter.done(*ready)
+    return order
 
 
 def growing_chunks(items: list[Any], first: int) -> Iterator[list[Any]]:

@@ -144,9 +144,7 @@ def events(
         worker = workers[i % WORKERS].encode()
         subject = subjects.aggregate(TENANT, "task", task.decode())
         mailbox = subjects.aggregate(TENANT, "mailbox", task.decode())
-        life = ["submitted"] if i % 100 == 99 else ["submitted", "granted", "started", "completed"]
-        if messages and i % 2 == 0:
-            life[1:1] = ["sent", "delivered"]
+        life = _life(i, messages)
         message = ids.new_id().encode()
         for kind in life:
             if made >= n:
@@ -191,9 +189,17 @@ async def publish(nc: NATS, store: EventStore, items: Iterator[tuple[str, bytes]
     return elapsed
 
 
-def lives_events(tasks: int) -> int:
-    """How many events ``events(..., messages=False)`` makes for ``tasks`` task lives."""
-    return WORKERS + 4 * tasks - 3 * (tasks // 100)
+def _life(i: int, messages: bool) -> list[str]:
+    """The events of the ``i``-th task's life, by template name."""
+    life = ["submitted"] if i % 100 == 99 else ["submitted", "granted", "started", "completed"]
+    if messages and i % 2 == 0:
+        life[1:1] = ["sent", "delivered"]
+    return life
+
+
+def lives_events(tasks: int, *, messages: bool = False) -> int:
+    """How many events :func:`events` makes for ``tasks`` task lives."""
+    return WORKERS + sum(len(_life(i, messages)) for i in range(tasks))
 
 
 def _progress() -> Progress:
