@@ -20,6 +20,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from pantheon_es import connection, ids
+from pantheon_es.bulk import CommandBatcher
 from pantheon_es.errors import PantheonError, UnavailableError, error_from_reply
 from pantheon_es.subjects import Subjects
 
@@ -69,6 +70,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _submit_item(_verb: str, body: dict[str, Any]) -> dict[str, Any]:
+    return body
+
+
 class PantheonClient:
     """Sends commands and queries for one tenant."""
 
@@ -82,11 +87,16 @@ class PantheonClient:
         actor: str | None = None,
         retry_for: float = 0.0,
         on_retry: Callable[[PantheonError], None] | None = None,
+        batch_submits: bool = True,
     ) -> None:
         """``retry_for`` > 0: retry retryable errors (unavailable, in flight, overloaded)
         for up to that many seconds; each command then carries one idempotency key
         across its tries, so a retry after a lost reply never acts twice. ``on_retry``
-        hears of each retried error (default: a structlog warning)."""
+        hears of each retried error (default: a structlog warning).
+
+        ``batch_submits``: :meth:`submit_task` calls made in one turn of the event
+        loop leave as one ``task.submit_many`` request (a lone one as ``task.submit``);
+        each still gets its own reply or typed error."""
         self.nc = nc
         self.tenant = tenant
         self.subjects = subjects or Subjects()
@@ -94,6 +104,11 @@ class PantheonClient:
         self.actor = actor
         self.retry_for = retry_for
         self.on_retry = on_retry
+        self._submits = (
+            CommandBatcher("task", "submit_many", "submits", _submit_item, retry=True)
+            if batch_submits
+            else None
+        )
 
     @classmethod
     async def connect(
@@ -199,6 +214,8 @@ class PantheonClient:
             inactivity_timeout=inactivity_timeout,
             max_attempts=max_attempts,
         )
+        if self._submits is not None:
+            return await self._submits.send(self, "submit", body)
         return await self.command("task", "submit", body)
 
     async def spawn_agent(

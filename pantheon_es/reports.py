@@ -1,27 +1,23 @@
-"""Lease reports in bulk: one request carries what a worker has ready (``task.report``).
+"""Task commands in bulk: lease reports (``task.report``) and submissions (``task.submit_many``).
 
 Under load a worker finishes many tasks in the same turn of its event loop;
 sending each ``complete`` (or ``start``, ``heartbeat``, ...) as its own request
 costs a request, a reply and their handling on every side. :class:`ReportTasks`
-carries several: each item is the body of the single command of its verb,
-validated, decided and appended on its own exactly as if it had come alone,
-and answered in order with the reply that command would have had. One bad item
-is refused alone; the others go on. :class:`ReportBatcher` is the worker's side:
-reports handed to it in one loop turn leave as one request (a lone report as
-its ordinary single command). docs/decisions.md, "Lease reports in bulk".
+carries several, each decided as if it had come alone (:mod:`pantheon_es.bulk`);
+:func:`report_batcher` is the worker's side. docs/decisions.md, "Lease reports
+in bulk". :class:`SubmitTasks` does the same for submissions; a
+:class:`~pantheon_es.client.PantheonClient` sends the submits of one loop turn
+with it (docs/decisions.md, "Submissions in bulk").
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Literal
 
-import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from pantheon_es.bulk import MAX_ITEMS, CommandBatcher, execute_each
 from pantheon_es.commands import BulkCommand
-from pantheon_es.endpoint import invalid
-from pantheon_es.errors import InternalError, PantheonError, error_from_reply
 from pantheon_es.tasks import (
     CompleteTask,
     FailTask,
@@ -29,13 +25,12 @@ from pantheon_es.tasks import (
     ReleaseTask,
     ReportProgress,
     StartTask,
+    SubmitTask,
     _LeaseReport,
 )
 
-log = structlog.get_logger(__name__)
-
 #: Reports one request may carry.
-MAX_REPORTS = 256
+MAX_REPORTS = MAX_ITEMS
 
 ReportVerb = Literal["start", "heartbeat", "progress", "complete", "fail", "release"]
 REPORTS: dict[str, type[_LeaseReport]] = {
@@ -68,94 +63,28 @@ class ReportTasks(BulkCommand, aggregate="task", verb="report"):
     reports: list[LeaseReportItem] = Field(min_length=1, max_length=MAX_REPORTS)
 
     async def run(self, service: Any, tenant: str) -> dict[str, Any]:
-        replies = await asyncio.gather(*(_one(service, tenant, item) for item in self.reports))
-        return {"replies": replies}
+        items = [(REPORTS[item.verb], item.body) for item in self.reports]
+        return {"replies": await execute_each(service, tenant, items)}
 
 
-async def _one(service: Any, tenant: str, item: LeaseReportItem) -> dict[str, Any]:
-    cls = REPORTS[item.verb]
-    try:
-        command = cls.model_validate(item.body)
-    except ValidationError as exc:
-        return invalid(cls.__name__, exc).to_reply()
-    try:
-        return {"ok": True, "result": await service.execute(tenant, command)}
-    except PantheonError as err:
-        return err.to_reply()
-    except Exception as exc:  # a bug must not cost the other reports their answers
-        log.exception("report failed unexpectedly", verb=item.verb)
-        return InternalError(f"internal error: {type(exc).__name__}").to_reply()
+def report_batcher() -> CommandBatcher:
+    """The worker's side: reports sent in one loop turn leave as one request per client."""
+    return CommandBatcher(
+        "task", "report", "reports", lambda verb, body: {"verb": verb, "body": body}
+    )
 
 
-_Queued = tuple[str, dict[str, Any], "asyncio.Future[Any]"]
+class SubmitTasks(BulkCommand, aggregate="task", verb="submit_many"):
+    """Several task submissions in one request. Each item is the body of
+    `task.submit` and is decided on its own (its idempotency key included);
+    ``replies`` answers them in order, each as ``{"ok": true, "result": ...}`` or
+    ``{"ok": false, "error": ...}`` like `task.submit`'s reply."""
 
+    submits: list[dict[str, Any]] = Field(
+        min_length=1, max_length=MAX_ITEMS, description="Bodies of `task.submit`."
+    )
 
-class ReportBatcher:
-    """The worker's side: reports sent in one loop turn leave as one request per client.
-
-    :meth:`send` returns what the single command would (its result, or raises its
-    typed error); a failure of the whole request (no reply) raises for every
-    report in it.
-    """
-
-    def __init__(self, max_reports: int = MAX_REPORTS) -> None:
-        self.max_reports = max_reports
-        #: id(client) -> (client, [(verb, body, future)]): this loop turn's reports.
-        self._queued: dict[int, tuple[Any, list[_Queued]]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def send(self, client: Any, verb: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Report through ``client`` (a :class:`~pantheon_es.client.PantheonClient`)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        if not self._queued:
-            loop.call_soon(self._flush)
-        self._queued.setdefault(id(client), (client, []))[1].append((verb, body, future))
-        return await future
-
-    def _flush(self) -> None:
-        queued, self._queued = self._queued, {}
-        for client, items in queued.values():
-            for i in range(0, len(items), self.max_reports):
-                task = asyncio.create_task(self._request(client, items[i : i + self.max_reports]))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _request(self, client: Any, items: list[_Queued]) -> None:
-        if len(items) == 1:  # alone: the ordinary command, no bulk envelope
-            verb, body, future = items[0]
-            try:
-                _settle(future, await client.command("task", verb, body))
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
-            except Exception as exc:
-                _settle(future, exc)
-            return
-        reports = [{"verb": verb, "body": client.command_body(body)} for verb, body, _ in items]
-        try:
-            replies = (await client.command("task", "report", {"reports": reports}))["replies"]
-            if len(replies) != len(items):
-                raise InternalError(f"{len(replies)} replies to {len(items)} reports")
-        except asyncio.CancelledError:
-            for _, _, future in items:
-                future.cancel()
-            raise
-        except Exception as exc:
-            for _, _, future in items:
-                _settle(future, exc)
-            return
-        for (_, _, future), reply in zip(items, replies, strict=True):
-            if reply.get("ok"):
-                _settle(future, dict(reply.get("result") or {}))
-            else:
-                _settle(future, error_from_reply(reply.get("error") or {}))
-
-
-def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
-    if future.done():  # the reporter was cancelled meanwhile
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+    async def run(self, service: Any, tenant: str) -> dict[str, Any]:
+        return {
+            "replies": await execute_each(service, tenant, [(SubmitTask, b) for b in self.submits])
+        }

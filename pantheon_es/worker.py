@@ -45,7 +45,7 @@ from pantheon_es.errors import (
     UnavailableError,
 )
 from pantheon_es.executors import ExecutionError, Executor, TaskContext, default_executors
-from pantheon_es.reports import ReportBatcher
+from pantheon_es.reports import report_batcher
 from pantheon_es.specs import AgentSpec, PythonSpec, ShellSpec
 from pantheon_es.subjects import Subjects
 
@@ -175,7 +175,7 @@ class Worker:
         self._draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Lease reports of one loop turn leave as one request (pantheon_es/reports.py).
-        self._reports = ReportBatcher()
+        self._reports = report_batcher()
         self._self_usage = _Usage()
         self._self_usage.add(os.getpid())
 

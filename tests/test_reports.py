@@ -16,7 +16,7 @@ import pytest
 
 from pantheon_es import ids
 from pantheon_es.errors import InvalidError, StaleLeaseError
-from pantheon_es.reports import ReportBatcher
+from pantheon_es.reports import report_batcher
 from pantheon_es.schema import WorkOffer, WorkOffers
 from tests.conftest import Cluster, eventually, history, python
 
@@ -144,7 +144,7 @@ async def test_the_batcher_sends_one_turns_reports_as_one_request(cluster: Clust
 
     nc = cluster.node.nc
     spy = await nc.subscribe(f"{cluster.root}.cmd.default.task.*", cb=on_command)
-    batcher = ReportBatcher()
+    batcher = report_batcher()
     client = cluster.client
 
     # Three in one turn: one request; the stale one raises its own typed error.
