@@ -53,12 +53,17 @@ async def _one(
         command = cls.model_validate(body)
     except ValidationError as exc:
         return invalid(cls.__name__, exc).to_reply()
+    return await execute_one(service, tenant, command)
+
+
+async def execute_one(service: Any, tenant: str, command: Command) -> dict[str, Any]:
+    """One validated command executed; its reply as the single command would get it."""
     try:
         return {"ok": True, "result": await service.execute(tenant, command)}
     except PantheonError as err:
         return err.to_reply()
     except Exception as exc:  # a bug must not cost the other items their answers
-        log.exception("bulk item failed unexpectedly", command=cls.__name__)
+        log.exception("bulk item failed unexpectedly", command=type(command).__name__)
         return InternalError(f"internal error: {type(exc).__name__}").to_reply()
 
 

@@ -12,12 +12,15 @@ with it (docs/decisions.md, "Submissions in bulk").
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pantheon_es.bulk import MAX_ITEMS, CommandBatcher, execute_each
+from pantheon_es.bulk import MAX_ITEMS, CommandBatcher, execute_each, execute_one
 from pantheon_es.commands import BulkCommand
+from pantheon_es.endpoint import invalid
+from pantheon_es.errors import PantheonError
 from pantheon_es.tasks import (
     CompleteTask,
     FailTask,
@@ -85,6 +88,34 @@ class SubmitTasks(BulkCommand, aggregate="task", verb="submit_many"):
     )
 
     async def run(self, service: Any, tenant: str) -> dict[str, Any]:
-        return {
-            "replies": await execute_each(service, tenant, [(SubmitTask, b) for b in self.submits])
-        }
+        replies: list[dict[str, Any]] = [{} for _ in self.submits]
+        fresh: list[tuple[int, SubmitTask]] = []  # new ids, no keys: one atomic append
+        alone: list[tuple[int, SubmitTask]] = []  # chosen ids or keys: the single path
+        for i, body in enumerate(self.submits):
+            try:
+                command = SubmitTask.model_validate(body)
+            except ValidationError as exc:
+                replies[i] = invalid(SubmitTask.__name__, exc).to_reply()
+                continue
+            if command.task_id is None and command.idempotency_key is None:
+                fresh.append((i, command))
+            else:
+                alone.append((i, command))
+
+        async def together() -> None:
+            try:
+                outcomes = await service.create_each(tenant, [c for _, c in fresh])
+            except PantheonError as err:
+                outcomes = [err] * len(fresh)
+            for (i, _), outcome in zip(fresh, outcomes, strict=True):
+                replies[i] = (
+                    outcome.to_reply()
+                    if isinstance(outcome, PantheonError)
+                    else {"ok": True, "result": outcome}
+                )
+
+        async def single(i: int, command: SubmitTask) -> None:
+            replies[i] = await execute_one(service, tenant, command)
+
+        await asyncio.gather(*([together()] if fresh else []), *(single(i, c) for i, c in alone))
+        return {"replies": replies}

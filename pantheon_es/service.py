@@ -31,7 +31,7 @@ from pantheon_es import aggregates, ids
 from pantheon_es.commands import COMMANDS, BulkCommand, Command
 from pantheon_es.domain import AggregateType, DecideContext
 from pantheon_es.endpoint import invalid, parse_body, respond, route
-from pantheon_es.errors import ConcurrencyError, ConflictError, ForbiddenError
+from pantheon_es.errors import ConcurrencyError, ConflictError, ForbiddenError, PantheonError
 from pantheon_es.events import Event, make_event
 from pantheon_es.idempotency import Claim, ClaimTaken, IdempotencyIndex, fingerprint
 from pantheon_es.store import EventStore
@@ -270,14 +270,43 @@ class CommandService:
         one of them exists already (nothing of its batch is stored): the caller
         falls back to :meth:`execute` one by one.
         """
-        plans = []
-        for command in commands:
-            if not command.creates or command.target_id() is None or command.idempotency_key:
-                raise ValueError(f"{type(command).__name__} cannot be created in bulk")
-            command_id = ids.new_id()
-            correlation_id = command.correlation_id or command_id
-            key = self._key(tenant, command)
-            plans.append(await self._plan(key, command, command_id, correlation_id, (None, 0)))
+        if any(command.target_id() is None for command in commands):
+            raise ValueError("create_all creates aggregates of chosen ids")
+        return await self._append_new([await self._plan_new(tenant, c) for c in commands])
+
+    async def create_each(
+        self, tenant: str, commands: Sequence[Command]
+    ) -> list[dict[str, Any] | PantheonError]:
+        """Like :meth:`create_all`, for commands whose new aggregates get ids made here
+        (so none can exist already), each decided on its own: one refused (invalid,
+        ``overloaded``) gets its typed error in its place, the others are appended
+        together. Raises ``UnavailableError`` when a batch was not acknowledged."""
+        outcomes: list[dict[str, Any] | PantheonError] = []
+        plans: list[_Plan] = []
+        where: list[int] = []
+        for i, command in enumerate(commands):
+            if command.target_id() is not None:
+                raise ValueError("create_each makes the ids of what it creates")
+            try:
+                plans.append(await self._plan_new(tenant, command))
+            except PantheonError as err:
+                outcomes.append(err)
+                continue
+            outcomes.append({})
+            where.append(i)
+        for i, result in zip(where, await self._append_new(plans), strict=True):
+            outcomes[i] = result
+        return outcomes
+
+    async def _plan_new(self, tenant: str, command: Command) -> _Plan:
+        if not command.creates or command.idempotency_key:
+            raise ValueError(f"{type(command).__name__} cannot be created in bulk")
+        command_id = ids.new_id()
+        correlation_id = command.correlation_id or command_id
+        key = self._key(tenant, command)
+        return await self._plan(key, command, command_id, correlation_id, (None, 0))
+
+    async def _append_new(self, plans: list[_Plan]) -> list[dict[str, Any]]:
         seqs = iter(await self.store.append_new([p.events for p in plans if p.events]))
         results = []
         for plan in plans:

@@ -55,17 +55,18 @@ async def test_bulk_submits_are_decided_one_by_one_and_answered_in_order(
     keyed = {"name": "c", "executor": python("noop"), "idempotency_key": "bulk-key-1"}
 
     reply = await cluster.client.command(
-        "task", "submit_many", {"submits": [ok, bad, keyed, keyed, {"name": "d"}]}
+        "task", "submit_many", {"submits": [ok, bad, keyed, {"name": "d"}]}
     )
-
     replies = reply["replies"]
-    assert [r["ok"] for r in replies] == [True, False, True, True, False]
+    assert [r["ok"] for r in replies] == [True, False, True, False]
     assert replies[1]["error"]["code"] == "invalid"
-    assert replies[4]["error"]["code"] == "invalid" and "executor" in replies[4]["error"]["message"]
-    # The key's second use returns the first reply: one task, not two.
-    assert replies[2]["result"]["task_id"] == replies[3]["result"]["task_id"]
+    assert replies[3]["error"]["code"] == "invalid" and "executor" in replies[3]["error"]["message"]
     assert replies[0]["result"]["task_id"] != replies[2]["result"]["task_id"]
-    assert await last_seq(cluster) == before + 2  # two TaskSubmitted, nothing else
+    # The key used again (in another request) returns the first reply: no second task.
+    again = await cluster.client.command("task", "submit_many", {"submits": [keyed, ok]})
+    assert again["replies"][0]["result"] == replies[2]["result"]
+    assert again["replies"][1]["result"]["task_id"] != replies[0]["result"]["task_id"]
+    assert await last_seq(cluster) == before + 3  # three TaskSubmitted, nothing else
     for r in (replies[0], replies[2]):
         assert [e.type for e in await history(cluster, r["result"]["task_id"])] == ["TaskSubmitted"]
 
@@ -169,3 +170,28 @@ async def test_a_refused_item_is_retried_alone_with_its_idempotency_key(
     # Each retried submit was appended once.
     for r in results:
         assert [e.type for e in await history(cluster, r["task_id"])].count("TaskSubmitted") == 1
+
+
+async def test_fresh_submits_are_appended_together_and_chosen_ids_alone(cluster: Cluster) -> None:
+    taken = (await cluster.client.submit_task("first", python("noop")))["task_id"]
+    chosen = "01KAZZZZZZZZZZZZZZZZZZZZZZ"
+    before = await last_seq(cluster)
+    reply = await cluster.client.command(
+        "task",
+        "submit_many",
+        {
+            "submits": [
+                {"name": "f1", "executor": python("noop")},
+                {"name": "again", "executor": python("noop"), "task_id": taken},
+                {"name": "f2", "executor": python("noop")},
+                {"name": "mine", "executor": python("noop"), "task_id": chosen},
+            ]
+        },
+    )
+    replies = reply["replies"]
+    assert [r["ok"] for r in replies] == [True, False, True, True]
+    assert replies[1]["error"]["code"] == "conflict"
+    assert replies[3]["result"]["task_id"] == chosen
+    f1, f2 = replies[0]["result"], replies[2]["result"]
+    assert f2["seq"] == f1["seq"] + 1  # one atomic batch, in the order of the items
+    assert await last_seq(cluster) == before + 3
