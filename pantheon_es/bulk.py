@@ -3,11 +3,12 @@
 Under load a client sends many commands in the same turn of its event loop (a
 worker finishing many tasks, a program submitting many); each sent as its own
 request costs a request, a reply and their handling on every side. A bulk
-command carries several: each item is the body of a single command, validated,
-decided and appended on its own exactly as if it had come alone, and answered
-in order with the reply that command would have had. One bad item is refused
-alone; the others go on. A malformed bulk request as a whole (empty, too many
-items) is ``invalid`` and appends nothing.
+command carries several: each item is the body of a single command, validated
+and decided on its own exactly as if it had come alone, and answered in order
+with the reply that command would have had (``task.submit_many`` appends the
+new tasks of its items together, each the events its own submit would append).
+One bad item is refused alone; the others go on. A malformed bulk request as a
+whole (empty, too many items) is ``invalid`` and appends nothing.
 
 :class:`CommandBatcher` is the sending side: commands handed to it in one loop
 turn leave as one bulk request per client (a lone one as its ordinary single

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pantheon_es.bulk import MAX_ITEMS, CommandBatcher, execute_each, execute_one
 from pantheon_es.commands import BulkCommand
 from pantheon_es.endpoint import invalid
-from pantheon_es.errors import PantheonError
+from pantheon_es.errors import InternalError, PantheonError
 from pantheon_es.tasks import (
     CompleteTask,
     FailTask,
@@ -31,6 +32,8 @@ from pantheon_es.tasks import (
     SubmitTask,
     _LeaseReport,
 )
+
+log = structlog.get_logger(__name__)
 
 #: Reports one request may carry.
 MAX_REPORTS = MAX_ITEMS
@@ -81,7 +84,9 @@ class SubmitTasks(BulkCommand, aggregate="task", verb="submit_many"):
     """Several task submissions in one request. Each item is the body of
     `task.submit` and is decided on its own (its idempotency key included);
     ``replies`` answers them in order, each as ``{"ok": true, "result": ...}`` or
-    ``{"ok": false, "error": ...}`` like `task.submit`'s reply."""
+    ``{"ok": false, "error": ...}`` like `task.submit`'s reply. The items that
+    name neither a ``task_id`` nor an idempotency key are appended together, in
+    their order, as atomic batches; the others as single submits."""
 
     submits: list[dict[str, Any]] = Field(
         min_length=1, max_length=MAX_ITEMS, description="Bodies of `task.submit`."
@@ -107,6 +112,9 @@ class SubmitTasks(BulkCommand, aggregate="task", verb="submit_many"):
                 outcomes = await service.create_each(tenant, [c for _, c in fresh])
             except PantheonError as err:
                 outcomes = [err] * len(fresh)
+            except Exception as exc:  # a bug must not cost the other items their answers
+                log.exception("bulk submit failed unexpectedly")
+                outcomes = [InternalError(f"internal error: {type(exc).__name__}")] * len(fresh)
             for (i, _), outcome in zip(fresh, outcomes, strict=True):
                 replies[i] = (
                     outcome.to_reply()
