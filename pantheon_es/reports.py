@@ -35,9 +35,6 @@ from pantheon_es.tasks import (
 
 log = structlog.get_logger(__name__)
 
-#: Reports one request may carry.
-MAX_REPORTS = MAX_ITEMS
-
 ReportVerb = Literal["start", "heartbeat", "progress", "complete", "fail", "release"]
 REPORTS: dict[str, type[_LeaseReport]] = {
     "start": StartTask,
@@ -66,7 +63,7 @@ class ReportTasks(BulkCommand, aggregate="task", verb="report"):
     ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ...}`` like its single
     command's reply."""
 
-    reports: list[LeaseReportItem] = Field(min_length=1, max_length=MAX_REPORTS)
+    reports: list[LeaseReportItem] = Field(min_length=1, max_length=MAX_ITEMS)
 
     async def run(self, service: Any, tenant: str) -> dict[str, Any]:
         items = [(REPORTS[item.verb], item.body) for item in self.reports]

@@ -90,6 +90,19 @@ async def history(cluster: Cluster, task_id: str, tenant: str = "default") -> li
     return [h.event for h in await cluster.node.store.read_aggregate(tenant, "task", task_id)]
 
 
+async def last_seq(cluster: Cluster) -> int:
+    """The stream's last sequence (to check that nothing was appended)."""
+    assert cluster.node.store is not None
+    return int(await cluster.node.store.last_seq())
+
+
+def quota(**limits: Any) -> Any:
+    """A scheduling ``Quota`` for ``@pytest.mark.policy(default_quota=...)``."""
+    from pantheon_es.placement import Quota
+
+    return Quota(**limits)
+
+
 def pythonpath_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(extra or {})

@@ -11,12 +11,7 @@ import pytest
 
 from pantheon_es.client import PantheonClient
 from pantheon_es.errors import InvalidError, OverloadedError, PantheonError
-from tests.conftest import Cluster, eventually, history, python
-
-
-async def last_seq(cluster: Cluster) -> int:
-    assert cluster.node.store is not None
-    return int(await cluster.node.store.last_seq())
+from tests.conftest import Cluster, eventually, history, last_seq, python, quota
 
 
 class CommandSpy:
@@ -128,13 +123,7 @@ async def test_a_client_can_send_every_submit_alone(cluster: Cluster) -> None:
     assert len({r["task_id"] for r in results}) == 3
 
 
-def _quota_policy() -> Any:
-    from pantheon_es.placement import Quota
-
-    return Quota(max_pending=2)
-
-
-@pytest.mark.policy(default_quota=_quota_policy())
+@pytest.mark.policy(default_quota=quota(max_pending=2))
 async def test_a_refused_item_is_retried_alone_with_its_idempotency_key(
     cluster: Cluster,
 ) -> None:

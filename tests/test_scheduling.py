@@ -12,14 +12,17 @@ import orjson
 import pytest
 
 from pantheon_es.errors import OverloadedError, UnschedulableError
-from tests.conftest import Cluster, eventually, history, python, pythonpath_env
+from tests.conftest import (
+    Cluster,
+    eventually,
+    history,
+    last_seq,
+    python,
+    pythonpath_env,
+    quota,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-async def last_seq(cluster: Cluster) -> int:
-    assert cluster.node.store is not None
-    return await cluster.node.store.last_seq()
 
 
 def at(event: Any) -> datetime:
@@ -66,13 +69,7 @@ async def test_concurrency_key_with_limit_two_runs_ten_tasks_never_more_than_two
     assert blocked <= 8
 
 
-def _quota_policy() -> Any:
-    from pantheon_es.placement import Quota
-
-    return Quota(max_pending=3)
-
-
-@pytest.mark.policy(default_quota=_quota_policy())
+@pytest.mark.policy(default_quota=quota(max_pending=3))
 async def test_backpressure_refuses_past_the_bound_with_retry_after_and_recovers(
     cluster: Cluster,
 ) -> None:
