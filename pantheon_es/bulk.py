@@ -60,12 +60,25 @@ async def _one(
 async def execute_one(service: Any, tenant: str, command: Command) -> dict[str, Any]:
     """One validated command executed; its reply as the single command would get it."""
     try:
-        return {"ok": True, "result": await service.execute(tenant, command)}
+        outcome: dict[str, Any] | PantheonError = await service.execute(tenant, command)
     except PantheonError as err:
-        return err.to_reply()
+        outcome = err
     except Exception as exc:  # a bug must not cost the other items their answers
-        log.exception("bulk item failed unexpectedly", command=type(command).__name__)
-        return InternalError(f"internal error: {type(exc).__name__}").to_reply()
+        outcome = unexpected(exc, type(command).__name__)
+    return item_reply(outcome)
+
+
+def item_reply(outcome: dict[str, Any] | PantheonError) -> dict[str, Any]:
+    """A bulk item's reply: its result, or its typed error, as its single command's reply."""
+    if isinstance(outcome, PantheonError):
+        return outcome.to_reply()
+    return {"ok": True, "result": outcome}
+
+
+def unexpected(exc: Exception, command: str) -> InternalError:
+    """What an item gets for a bug (logged with its traceback) instead of its reply."""
+    log.error("bulk item failed unexpectedly", command=command, exc_info=exc)
+    return InternalError(f"internal error: {type(exc).__name__}")
 
 
 _Queued = tuple[str, dict[str, Any], "asyncio.Future[Any]"]

@@ -15,13 +15,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pantheon_es.bulk import MAX_ITEMS, CommandBatcher, execute_each, execute_one
+from pantheon_es.bulk import (
+    MAX_ITEMS,
+    CommandBatcher,
+    execute_each,
+    execute_one,
+    item_reply,
+    unexpected,
+)
 from pantheon_es.commands import BulkCommand
 from pantheon_es.endpoint import invalid
-from pantheon_es.errors import InternalError, PantheonError
+from pantheon_es.errors import PantheonError
 from pantheon_es.tasks import (
     CompleteTask,
     FailTask,
@@ -32,8 +38,6 @@ from pantheon_es.tasks import (
     SubmitTask,
     _LeaseReport,
 )
-
-log = structlog.get_logger(__name__)
 
 ReportVerb = Literal["start", "heartbeat", "progress", "complete", "fail", "release"]
 REPORTS: dict[str, type[_LeaseReport]] = {
@@ -105,19 +109,15 @@ class SubmitTasks(BulkCommand, aggregate="task", verb="submit_many"):
                 alone.append((i, command))
 
         async def together() -> None:
+            outcomes: list[dict[str, Any] | PantheonError]
             try:
                 outcomes = await service.create_each(tenant, [c for _, c in fresh])
             except PantheonError as err:
                 outcomes = [err] * len(fresh)
             except Exception as exc:  # a bug must not cost the other items their answers
-                log.exception("bulk submit failed unexpectedly")
-                outcomes = [InternalError(f"internal error: {type(exc).__name__}")] * len(fresh)
+                outcomes = [unexpected(exc, SubmitTask.__name__)] * len(fresh)
             for (i, _), outcome in zip(fresh, outcomes, strict=True):
-                replies[i] = (
-                    outcome.to_reply()
-                    if isinstance(outcome, PantheonError)
-                    else {"ok": True, "result": outcome}
-                )
+                replies[i] = item_reply(outcome)
 
         async def single(i: int, command: SubmitTask) -> None:
             replies[i] = await execute_one(service, tenant, command)

@@ -58,6 +58,8 @@ _WRONG_LAST_SEQUENCE = {JS_WRONG_LAST_SEQUENCE, JS_BATCH_WRONG_LAST_SEQUENCE}
 
 #: The server refuses atomic batches larger than this.
 MAX_BATCH = 1000
+#: What an append that got no acknowledgement raises (it may have been stored).
+_NO_ACK = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError)
 
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -215,7 +217,7 @@ class EventStore:
                         "server": exc.description,
                     },
                 ) from None
-            except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            except _NO_ACK as exc:
                 log.warning(
                     "append not acknowledged", subject=subject, attempt=attempt, error=repr(exc)
                 )
@@ -319,7 +321,7 @@ class EventStore:
                 raise ConcurrencyError(
                     "an aggregate to create exists already", details={"server": exc.description}
                 ) from None
-            except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            except _NO_ACK as exc:
                 raise UnavailableError(
                     "JetStream did not acknowledge a batch of new aggregates", retry_after=1.0
                 ) from exc

@@ -11,6 +11,7 @@ import pytest
 
 from pantheon_es.client import PantheonClient
 from pantheon_es.errors import InvalidError, OverloadedError, PantheonError
+from pantheon_es.reports import SubmitTasks
 from tests.conftest import Cluster, eventually, history, last_seq, python, quota
 
 
@@ -184,3 +185,26 @@ async def test_fresh_submits_are_appended_together_and_chosen_ids_alone(cluster:
     f1, f2 = replies[0]["result"], replies[2]["result"]
     assert f2["seq"] == f1["seq"] + 1  # one atomic batch, in the order of the items
     assert await last_seq(cluster) == before + 3
+
+
+class _BuggyService:
+    """A command service whose every path fails with a bug (not a typed error)."""
+
+    async def execute(self, tenant: str, command: Any) -> dict[str, Any]:
+        raise RuntimeError("a bug in execute")
+
+    async def create_each(self, tenant: str, commands: Any) -> list[Any]:
+        raise RuntimeError("a bug in create_each")
+
+
+async def test_a_bug_costs_each_item_an_internal_error_not_the_request() -> None:
+    submits = [
+        {"name": "fresh", "executor": {"kind": "shell", "argv": ["true"]}},
+        {"name": "keyed", "executor": {"kind": "shell", "argv": ["true"]}, "idempotency_key": "k"},
+        {"name": "bad"},  # no executor: invalid, whatever the service does
+    ]
+    replies = (await SubmitTasks(submits=submits).run(_BuggyService(), "default"))["replies"]
+    codes = [r["error"]["code"] for r in replies]
+    assert [r["ok"] for r in replies] == [False, False, False]
+    assert codes == ["internal", "internal", "invalid"]
+    assert replies[0]["error"]["message"] == "internal error: RuntimeError"
