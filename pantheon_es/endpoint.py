@@ -16,6 +16,7 @@ import structlog
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from pantheon_es.connection import Connection
 from pantheon_es.errors import (
     InternalError,
     InvalidError,
@@ -97,4 +98,8 @@ async def respond(msg: Msg, work: Awaitable[dict[str, Any]]) -> None:
         payload = error_reply(InternalError(f"internal error: {type(exc).__name__}"))
     if msg.reply:
         with contextlib.suppress(Exception):  # the requester may be gone
-            await msg.respond(payload)
+            nc = msg._client
+            if isinstance(nc, Connection) and not msg.headers:
+                nc.publish_now(msg.reply, payload)  # at once, not on the flusher's turn
+            else:
+                await msg.respond(payload)  # echoes the request's headers, as nats-py does

@@ -152,6 +152,7 @@ class Node:
         await self.service.start()
         self.scheduler = Scheduler(self.nc, self.service, self.subjects, cfg.scheduler)
         self.service.admission = self.scheduler.admit
+        self.service.placer = self.scheduler
         if cfg.leader_ttl > 0:
             self.leadership = Leadership(
                 self.nc.jetstream(),

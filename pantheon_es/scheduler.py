@@ -35,11 +35,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import nats.errors
 import orjson
 import structlog
 from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
+from pantheon_es.connection import Connection
 from pantheon_es.errors import (
     ConcurrencyError,
     ConflictError,
@@ -320,6 +322,9 @@ class Scheduler:
         self._pending: dict[str, set[str]] = {}
         #: tenant -> monotonic times of recent lease grants (for retry_after estimates)
         self._grants: dict[str, deque[float]] = {}
+        #: leases decided for tasks being submitted (place_new), until placed_new
+        #: (task, worker, grant, submission's event id)
+        self._placed_new: dict[Key, tuple[LiveTask, LiveWorker, GrantLease, str]] = {}
 
     # -- start-up ------------------------------------------------------------------------------
     def bootstrap(self, db: Any, position: int, head: int) -> None:
@@ -597,6 +602,18 @@ class Scheduler:
                 d = record.data
                 spec = _spec(d["name"], d["executor"], d["labels"])
                 self._add_task(record.tenant, _submitted_state(record), record.seq, spec)
+            elif task.seq == 0:  # placed at its submission (place_new) ...
+                placed = self._placed_new.get(key)
+                if placed is not None and placed[3] != record.event_id:
+                    # ... but another service stored this id's submission first: ours
+                    # fails, its lease with it; the task is the stored one.
+                    del self._placed_new[key]
+                    task.granting = False
+                    self.placement.release(key)
+                    del self.tasks[key]
+                    self._apply_task(record)
+                else:
+                    task.seq = record.seq  # ... and now known stored
             return
         if task is None:
             if record.type == "TaskRedriven":  # back from the dead-letter queue
@@ -901,22 +918,36 @@ class Scheduler:
             self._grants.setdefault(task.tenant, deque(maxlen=4096)).append(time.monotonic())
 
     async def _grant(self, task: LiveTask, worker: LiveWorker) -> None:
-        lease_id = ids.new_id()
-        ttl = task.state.options.heartbeat_timeout or self.config.lease_ttl
-        epoch = self.epoch
-        command = GrantLease(
-            actor=f"scheduler#{epoch}" if epoch is not None else "scheduler",
-            task_id=task.state.task_id,
-            lease_id=lease_id,
-            worker_id=worker.state.worker_id,
-            ttl=ttl,
-            epoch=epoch,
-            worker_tenant=worker.tenant if worker.tenant != task.tenant else None,
-        )
+        command = self._grant_command(task, worker)
         try:
             result = await self._execute(task.tenant, command, (task.state, task.seq))
         finally:
             task.granting = False
+        self._granted(task, worker, command, result)
+
+    def _grant_command(self, task: LiveTask, worker: LiveWorker) -> GrantLease:
+        epoch = self.epoch
+        return GrantLease(
+            actor=f"scheduler#{epoch}" if epoch is not None else "scheduler",
+            task_id=task.state.task_id,
+            lease_id=ids.new_id(),
+            worker_id=worker.state.worker_id,
+            ttl=task.state.options.heartbeat_timeout or self.config.lease_ttl,
+            epoch=epoch,
+            worker_tenant=worker.tenant if worker.tenant != task.tenant else None,
+        )
+
+    def _granted(
+        self,
+        task: LiveTask,
+        worker: LiveWorker,
+        command: GrantLease,
+        result: dict[str, Any] | None,
+        at_once: bool = False,
+    ) -> None:
+        """After a grant's append: offer the task to its worker (``at_once``: now, not
+        with the other offers of this loop turn), or (refused) give the capacity
+        back."""
         key = task.key
         if result is None or "fencing_token" not in result:
             # Refused (cancelled meanwhile, or leased elsewhere): give the capacity back;
@@ -926,6 +957,7 @@ class Scheduler:
                 if task.state.status == TaskStatus.PENDING:
                     self._make_pending(task)
             return
+        lease_id, ttl = command.lease_id, command.ttl
         if task.seq < result["seq"]:  # apply our own decision now; the feed copy is then skipped
             lease = Lease(
                 lease_id, worker.state.worker_id, result["fencing_token"], result["fencing_token"],
@@ -958,10 +990,75 @@ class Scheduler:
                     wf.node_of.get(d, d): wf.results.get(d) for d in task.state.depends_on
                 }
         subject = self.subjects.work(task.tenant, worker.state.worker_id)
-        if not worker.state.offer_batches:
-            await self.nc.publish(subject, orjson.dumps(offer))
+        if at_once or not worker.state.offer_batches:
+            self._send([(subject, orjson.dumps(offer))])
             return
         self._offer(subject, offer)
+
+    # -- a new task's lease in its submission's wake ------------------------------------------
+    def place_new(self, tenant: str, state: TaskState, submitted: Event[Any]) -> GrantLease | None:
+        """Called by the command service (same process) for a task it is about to submit:
+        a lease decided now, to be appended right behind the submission
+        (``EventStore.append_after``), or None (the task then takes the ordinary path:
+        the feed brings its submission, :meth:`_place` decides).
+
+        Only when nothing else waits (no pending job anywhere, the feed applied), so
+        the new task overtakes nobody, and only for a task placeable as it is (no
+        workflow, no retry time). The capacity is held from now on;
+        :meth:`placed_new` is told how the appends went. docs/decisions.md, "A new
+        task's lease in its submission's wake".
+        """
+        key = (tenant, state.task_id)
+        if (
+            self.placement.jobs
+            or self._queue
+            or not (self.ready and self.active)
+            or key in self.tasks
+            or state.status != TaskStatus.PENDING
+            or state.workflow_id is not None
+            or state.not_before is not None
+        ):
+            return None
+        data = submitted.data
+        spec = {
+            "name": data.name,
+            "executor": data.executor.model_dump(mode="json"),
+            "labels": dict(data.labels),
+        }
+        task = LiveTask(tenant, state, 0, spec, state.last_activity_at)
+        self.placement.add(to_job(task))
+        grant = next(iter(self.placement.place(time.time()).grants), None)
+        worker = self.workers.get(grant.worker) if grant is not None else None
+        if grant is None or grant.key != key or worker is None:
+            self.placement.remove(key)  # whatever it told or held is derived again later
+            return None
+        self.tasks[key] = task
+        task.granting = True
+        self._grants.setdefault(tenant, deque(maxlen=4096)).append(time.monotonic())
+        command = self._grant_command(task, worker)
+        self._placed_new[key] = (task, worker, command, submitted.event_id)
+        return command
+
+    def placed_new(
+        self, key: Key, submitted_seq: int | None, result: dict[str, Any] | None
+    ) -> None:
+        """How the appends of a :meth:`place_new` went: the submission's sequence (None:
+        not stored) and the grant's result (None: refused or unknown; the feed tells
+        the rest)."""
+        entry = self._placed_new.pop(key, None)
+        if entry is None:
+            return
+        task, worker, command, _event_id = entry
+        task.granting = False
+        if self.tasks.get(key) is not task:
+            return  # gone meanwhile (the feed saw it finish)
+        if submitted_seq is None and task.seq == 0:  # not stored, nor seen in the feed
+            self._forget(task)
+            return
+        task.seq = max(task.seq, submitted_seq or 0)
+        self._track(task)
+        # Nothing else was pending when it was placed: no offers to wait for.
+        self._granted(task, worker, command, result, at_once=True)
 
     def _offer(self, subject: str, offer: dict[str, Any]) -> None:
         """Send ``offer`` with the others for the same worker decided in this loop turn:
@@ -979,7 +1076,18 @@ class Scheduler:
                 chunk = offers[i : i + OFFERS_PER_MESSAGE]
                 body = chunk[0] if len(chunk) == 1 else {"type": "offers", "offers": chunk}
                 messages.append((subject, orjson.dumps(body)))
-        self._spawn(self._publish(messages))
+        self._send(messages)
+
+    def _send(self, messages: list[tuple[str, bytes]]) -> None:
+        """Publish offers: at once on our own connection (no task, no flusher turn)."""
+        if not isinstance(self.nc, Connection):
+            self._spawn(self._publish(messages))
+            return
+        try:
+            for subject, data in messages:
+                self.nc.publish_now(subject, data)
+        except nats.errors.Error as err:
+            log.warning("offers not sent", error=repr(err))  # their leases expire
 
     async def _publish(self, messages: list[tuple[str, bytes]]) -> None:
         for subject, data in messages:

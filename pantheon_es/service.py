@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -34,7 +34,7 @@ from pantheon_es.endpoint import invalid, parse_body, respond, route
 from pantheon_es.errors import ConcurrencyError, ConflictError, ForbiddenError, PantheonError
 from pantheon_es.events import Event, make_event
 from pantheon_es.idempotency import Claim, ClaimTaken, IdempotencyIndex, fingerprint
-from pantheon_es.store import EventStore
+from pantheon_es.store import AppendResult, EventStore
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +132,17 @@ class _Held:
             del self._locks[self._key]
 
 
+class Placer(Protocol):
+    """Decides a new task's lease while it is being submitted (the node's scheduler):
+    ``Scheduler.place_new`` and ``Scheduler.placed_new``."""
+
+    def place_new(self, tenant: str, state: Any, submitted: Event[Any]) -> Command | None: ...
+
+    def placed_new(
+        self, key: tuple[str, str], submitted_seq: int | None, result: dict[str, Any] | None
+    ) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     key: tuple[str, str, str]
@@ -173,6 +184,9 @@ class CommandService:
         self.admission: Callable[[str, Command], None] | None = None
         #: The node's scheduler leadership, if any: decisions carry its epoch.
         self.leadership: Any = None
+        #: The node's scheduler, if in this process: a new task's lease can then be
+        #: appended right behind its submission (:meth:`_append_placed`).
+        self.placer: Placer | None = None
         assert aggregates.AGGREGATE_TYPES  # registries loaded
 
     # -- life cycle --------------------------------------------------------------------------
@@ -367,11 +381,89 @@ class CommandService:
 
     async def _append(self, plan: _Plan) -> int:
         """Append a plan's events; returns the last sequence. Updates the cache."""
+        placer = self.placer
+        if (
+            placer is not None
+            and plan.state is None
+            and plan.key[1] == "task"
+            and len(plan.events) == 1
+            and plan.expected_seq == 0
+        ):
+            return await self._append_placed(plan, placer)
+        return await self._append_plain(plan)
+
+    async def _append_plain(self, plan: _Plan) -> int:
         result = await self.store.append(plan.events, expected_seq=plan.expected_seq)
         self._cache(plan, result.last_seq)
         structlog.contextvars.bind_contextvars(stream_seq=result.last_seq)
         log.debug("events appended", count=len(plan.events), stream_seq=result.last_seq)
         return result.last_seq
+
+    async def _append_placed(self, plan: _Plan, placer: Placer) -> int:
+        """Submit a new task and, if the scheduler places it at once, append its lease
+        right behind the submission (``EventStore.append_after``): two hops fewer than
+        a lease decided once the submission comes back through the feed.
+
+        The submission is sent first and the lease decided while it is stored; the
+        reply does not wait for the lease's ack, whose outcome goes to
+        ``placer.placed_new``. docs/decisions.md, "A new task's lease in its
+        submission's wake"."""
+        key = plan.key
+        lease_key = (key[0], key[2])
+        submitted = plan.events[0]
+        first = asyncio.ensure_future(self.store.append(plan.events, expected_seq=0))
+        await asyncio.sleep(0)  # the append publishes the submission ...
+        self.store.flush()  # ... and it leaves now, while the lease is decided
+        kind = aggregates.AGGREGATE_TYPES["task"]
+        state = kind.fold(plan.events, None)
+        command = placer.place_new(key[0], state, submitted)
+        grant: _Plan | None = None
+        if command is not None:
+            try:
+                command_id = ids.new_id()
+                grant = await self._plan(
+                    key, command, command_id, command.correlation_id or command_id, (state, 0),
+                    getattr(command, "epoch", None),
+                )  # fmt: skip
+            except PantheonError as err:
+                log.info("lease at submission refused", error=err.message)
+        second = None
+        if grant is not None and len(grant.events) == 1:
+            second = asyncio.ensure_future(
+                self.store.append_after(grant.events[0], submitted.event_id)
+            )
+            await asyncio.sleep(0)  # it publishes the lease ...
+            self.store.flush()  # ... which leaves now
+        try:
+            result = await first
+        except BaseException:
+            if second is not None:
+                second.add_done_callback(_retrieve)
+            if command is not None:
+                placer.placed_new(lease_key, None, None)
+            raise
+        seq = result.last_seq
+        self.cache.put(key, state, seq)
+        structlog.contextvars.bind_contextvars(stream_seq=seq)
+        if command is None:
+            return seq
+        if second is None or grant is None:
+            placer.placed_new(lease_key, seq, None)
+            return seq
+
+        def leased(done: asyncio.Future[AppendResult]) -> None:
+            err = done.exception() if not done.cancelled() else asyncio.CancelledError()
+            if err is None:
+                grant_seq = done.result().last_seq
+                self.cache.put(key, kind.fold(grant.events, state), grant_seq)
+                placer.placed_new(lease_key, seq, {**grant.result, "seq": grant_seq})
+                return
+            if not isinstance(err, PantheonError):
+                log.error("lease at submission failed", error=repr(err))
+            placer.placed_new(lease_key, seq, None)
+
+        second.add_done_callback(leased)
+        return seq
 
     def _cache(self, plan: _Plan, last_seq: int) -> None:
         """Remember the aggregate's state after a plan's events, stored up to ``last_seq``."""
@@ -495,6 +587,12 @@ class CommandService:
                 retry_after=round(min(1.0, self.config.claim_timeout - age), 3),
             )
         return None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read a future's outcome that nobody awaits (no "exception never retrieved")."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _done(claim: Claim, reply: dict[str, Any]) -> Claim:

@@ -54,6 +54,7 @@ assert aggregates.REGISTRY  # every event type registered before anything is dec
 JS_WRONG_LAST_SEQUENCE = 10071
 JS_BATCH_WRONG_LAST_SEQUENCE = 10164
 JS_BATCH_DUPLICATE_MSG_ID = 10201
+JS_WRONG_LAST_MSG_ID = 10070
 _WRONG_LAST_SEQUENCE = {JS_WRONG_LAST_SEQUENCE, JS_BATCH_WRONG_LAST_SEQUENCE}
 
 #: The server refuses atomic batches larger than this.
@@ -63,6 +64,7 @@ _NO_ACK = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError
 
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 H_BATCH_ID = "Nats-Batch-Id"
 H_BATCH_SEQ = "Nats-Batch-Sequence"
 H_BATCH_COMMIT = "Nats-Batch-Commit"
@@ -228,6 +230,47 @@ class EventStore:
                     ) from exc
                 await asyncio.sleep(0.05 * attempt)
         raise AssertionError("unreachable")
+
+    def flush(self) -> None:
+        """Send what this connection has queued now (``Connection.flush_now``)."""
+        if isinstance(self.nc, Connection):
+            self.nc.flush_now()
+
+    async def append_after(self, event: Event[Any], after_msg_id: str) -> AppendResult:
+        """Append ``event`` only if the stream's last message is ``after_msg_id``
+        (``Nats-Expected-Last-Msg-Id``): it is then stored directly behind that message,
+        and its aggregate is as it was decided on, without knowing that message's
+        sequence yet (a lease appended right behind the submission it was decided with,
+        its ack not awaited: docs/decisions.md, "A new task's lease in its submission's
+        wake").
+
+        Raises ``ConcurrencyError`` when another message is last (nothing appended),
+        ``UnavailableError`` without an ack (it may be stored: the log tells). One
+        attempt.
+        """
+        subject = self._decision_subject([event])
+        headers = {H_MSG_ID: event.event_id, H_EXPECTED_LAST_MSG_ID: after_msg_id}
+        if self._acks is None:
+            self._acks = _Acks(self.nc)
+        try:
+            data = await self._acks.publish(
+                subject, encode(event), headers, self.config.ack_timeout
+            )
+        except _NO_ACK as exc:
+            raise UnavailableError(
+                f"JetStream did not acknowledge the append to {subject}"
+            ) from exc
+        ack = orjson.loads(data)
+        error = ack.get("error")
+        if error:
+            if error.get("err_code") == JS_WRONG_LAST_MSG_ID:
+                raise ConcurrencyError(
+                    f"{subject}: the stream's last message is not {after_msg_id}",
+                    details={"subject": subject, "after_msg_id": after_msg_id},
+                )
+            raise _map_api_error(error.get("err_code"), error.get("description", ""))
+        seq = int(ack["seq"])
+        return AppendResult(seq, seq)
 
     def _decision_subject(self, events: Sequence[Event[Any]]) -> str:
         """The subject of one decision's events: 1 to MAX_BATCH events of one aggregate."""

@@ -4,8 +4,12 @@ event feed relies on (``Client._process_msg``) is still called for every message
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from pantheon_es.connection import Connection
+import nats.errors
+import pytest
+
+from pantheon_es.connection import Connection, connect
 from tests.conftest import eventually
 
 
@@ -49,3 +53,28 @@ async def test_other_subscriptions_still_take_nats_py_s_path(nc: Connection) -> 
         return raw == [b"r"]
 
     await eventually(one, timeout=5)
+
+
+async def test_publish_now_hands_the_message_to_the_socket_before_the_loop_turns(
+    nc: Connection, nats_server: Any
+) -> None:
+    # A second connection listens; publish_now leaves nothing for nats-py's flusher task.
+    other = await connect(nats_server.url)
+    try:
+        sub = await other.subscribe("now.test")
+        await other.flush()
+        nc.publish_now("now.test", b"at once")
+        assert nc._pending_data_size == 0 and nc.stats["out_msgs"] >= 1
+        msg = await sub.next_msg(timeout=5)
+        assert msg.data == b"at once" and not msg.reply
+        with pytest.raises(nats.errors.MaxPayloadError):
+            nc.publish_now("now.test", b"x" * (nc.max_payload + 1))
+    finally:
+        await other.close()
+
+
+async def test_publish_now_on_a_closed_connection_raises(nats_server: Any) -> None:
+    closed = await connect(nats_server.url)
+    await closed.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        closed.publish_now("now.test", b"late")

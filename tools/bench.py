@@ -55,14 +55,14 @@ def submitted(tenant: str = "default") -> Event[Any]:
         resources=Resources(),
         labels={"bench": "yes"},
     )
-    return _wrap(data, ids.new_id(), tenant)
+    return as_event(data, ids.new_id(), tenant)
 
 
 def cancelled(task_id: str, tenant: str = "default") -> Event[Any]:
-    return _wrap(TaskCancelled(reason="bench", previous_status="pending"), task_id, tenant)
+    return as_event(TaskCancelled(reason="bench", previous_status="pending"), task_id, tenant)
 
 
-def _wrap(data: Any, task_id: str, tenant: str) -> Event[Any]:
+def as_event(data: Any, task_id: str, tenant: str) -> Event[Any]:
     return make_event(
         data,
         event_id=ids.new_id(),
