@@ -1,7 +1,11 @@
-"""The NATS connection every Pantheon process uses: nats-py's client plus raw handlers.
+"""The NATS connection every Pantheon process uses: nats-py's client plus raw handlers
+and immediate writes.
 
-:class:`Connection` is nats-py's ``Client`` with one addition,
-:meth:`Connection.raw_subscribe`: a subscription whose messages go straight to
+:class:`Connection` is nats-py's ``Client`` with :meth:`Connection.publish_now` and
+:meth:`Connection.flush_now` (write now, not on the flusher task's next turn: replies,
+offers and a lease behind its submission; docs/decisions.md, "A new task's lease in
+its submission's wake"), and :meth:`Connection.raw_subscribe`: a subscription whose
+messages go straight to
 a synchronous handler as the protocol parser hands them over (subject, reply,
 payload and header block as bytes). nats-py's own path parses every header
 block into a dict, builds a ``Msg``, queues it and wakes a task that awaits the
@@ -10,10 +14,11 @@ The event feed (:class:`pantheon_es.store.EventFeed`) reads the log through a
 raw subscription at about 8 us a message (docs/decisions.md, "The feed reads
 raw messages").
 
-This relies on one internal of nats-py 2.x, ``Client._process_msg(sid, subject,
-reply, payload, headers)``, which the protocol parser calls for every message;
-tests/test_connection.py fails if that stops being so. Every other subscription
-takes nats-py's path unchanged.
+This relies on internals of nats-py 2.x: ``Client._process_msg(sid, subject, reply,
+payload, headers)``, which the protocol parser calls for every message, and the
+pending buffer its flusher writes (``_pending``, ``_pending_data_size``,
+``_transport``); tests/test_connection.py fails if they stop being so. Every other
+subscription and publish takes nats-py's path unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ RawHandler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
 
 class Connection(Client):
-    """nats-py's client with :meth:`raw_subscribe`."""
+    """nats-py's client with :meth:`raw_subscribe`, :meth:`publish_now` and
+    :meth:`flush_now`."""
 
     def __init__(self) -> None:
         super().__init__()
