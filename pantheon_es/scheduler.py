@@ -69,6 +69,7 @@ from pantheon_es.tasks import (
     SubmitWorkflowTask,
     TaskState,
     TaskStatus,
+    TaskSubmitted,
     TimeOutTask,
 )
 from pantheon_es.workers import WORKER, Capacity, LoseWorker, WorkerState, WorkerStatus
@@ -224,6 +225,15 @@ def _spec(name: str, executor: Any, labels: Any) -> dict[str, Any]:
         )  # fmt: skip
     key = ("s", name, _json_key(executor), _json_key(labels))
     return _SHARED.get(key, lambda: {"name": name, "executor": executor, "labels": labels})  # type: ignore[no-any-return]
+
+
+def _spec_of(submitted: TaskSubmitted) -> dict[str, Any]:
+    """What an offer carries besides the lease, from a typed ``TaskSubmitted``."""
+    return {
+        "name": submitted.name,
+        "executor": submitted.executor.model_dump(mode="json"),
+        "labels": dict(submitted.labels),
+    }
 
 
 def _submitted_state(record: EventRecord) -> TaskState:
@@ -609,8 +619,7 @@ class Scheduler:
                     # fails, its lease with it; the task is the stored one.
                     del self._placed_new[key]
                     task.granting = False
-                    self.placement.release(key)
-                    del self.tasks[key]
+                    self._forget(task)
                     self._apply_task(record)
                 else:
                     task.seq = record.seq  # ... and now known stored
@@ -712,11 +721,7 @@ class Scheduler:
         if state is None or state.status not in LIVE:
             return
         first = history[0].event.data
-        spec = {
-            "name": first.name,
-            "executor": first.executor.model_dump(mode="json"),
-            "labels": dict(first.labels),
-        }
+        spec = _spec_of(first)
         self._add_task(tenant, state, history[-1].seq, spec)
         self._wake.set()
 
@@ -1019,12 +1024,7 @@ class Scheduler:
             or state.not_before is not None
         ):
             return None
-        data = submitted.data
-        spec = {
-            "name": data.name,
-            "executor": data.executor.model_dump(mode="json"),
-            "labels": dict(data.labels),
-        }
+        spec = _spec_of(submitted.data)
         task = LiveTask(tenant, state, 0, spec, state.last_activity_at)
         self.placement.add(to_job(task))
         grant = next(iter(self.placement.place(time.time()).grants), None)

@@ -197,7 +197,8 @@ class EventStore:
         for attempt in range(1, attempts + 1):
             try:
                 if len(payloads) == 1:
-                    last = await self._publish_one(subject, payloads[0], msg_ids[0], expected_seq)
+                    headers = {H_MSG_ID: msg_ids[0], H_EXPECTED_SUBJECT_SEQ: str(expected_seq)}
+                    last = await self._publish_one(subject, payloads[0], headers)
                 else:
                     last = await self._publish_batch(subject, payloads, msg_ids, expected_seq)
                 return AppendResult(last - len(payloads) + 1, last)
@@ -250,26 +251,12 @@ class EventStore:
         """
         subject = self._decision_subject([event])
         headers = {H_MSG_ID: event.event_id, H_EXPECTED_LAST_MSG_ID: after_msg_id}
-        if self._acks is None:
-            self._acks = _Acks(self.nc)
         try:
-            data = await self._acks.publish(
-                subject, encode(event), headers, self.config.ack_timeout
-            )
+            seq = await self._publish_one(subject, encode(event), headers)
         except _NO_ACK as exc:
             raise UnavailableError(
                 f"JetStream did not acknowledge the append to {subject}"
             ) from exc
-        ack = orjson.loads(data)
-        error = ack.get("error")
-        if error:
-            if error.get("err_code") == JS_WRONG_LAST_MSG_ID:
-                raise ConcurrencyError(
-                    f"{subject}: the stream's last message is not {after_msg_id}",
-                    details={"subject": subject, "after_msg_id": after_msg_id},
-                )
-            raise _map_api_error(error.get("err_code"), error.get("description", ""))
-        seq = int(ack["seq"])
         return AppendResult(seq, seq)
 
     def _decision_subject(self, events: Sequence[Event[Any]]) -> str:
@@ -282,10 +269,9 @@ class EventStore:
             raise ValueError("all events of one decision must belong to one aggregate")
         return self.subjects.aggregate(*key)
 
-    async def _publish_one(
-        self, subject: str, payload: bytes, msg_id: str, expected_seq: int
-    ) -> int:
-        headers = {H_MSG_ID: msg_id, H_EXPECTED_SUBJECT_SEQ: str(expected_seq)}
+    async def _publish_one(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
+        """One message with its expectation headers; its stream sequence, or the mapped
+        error (``_map_api_error``)."""
         if self._acks is None:
             self._acks = _Acks(self.nc)
         data = await self._acks.publish(subject, payload, headers, self.config.ack_timeout)
@@ -845,6 +831,8 @@ def _map_api_error(err_code: int | None, description: str) -> PantheonError:
         return _WrongLastSequence(description)
     if err_code == JS_BATCH_DUPLICATE_MSG_ID:
         return _DuplicateInBatch(description)
+    if err_code == JS_WRONG_LAST_MSG_ID:  # append_after: another message is last
+        return ConcurrencyError(f"the stream's last message is another: {description}")
     return UnavailableError(f"JetStream refused the append ({err_code}): {description}")
 
 
