@@ -920,7 +920,11 @@ class Scheduler:
             task.granting = True
             self._set_pending(task, False)
             self._spawn(self._grant(task, worker))
-            self._grants.setdefault(task.tenant, deque(maxlen=4096)).append(time.monotonic())
+            self._note_grant(task.tenant)
+
+    def _note_grant(self, tenant: str) -> None:
+        """Remember when a lease was decided (``_retry_after``'s placement rate)."""
+        self._grants.setdefault(tenant, deque(maxlen=4096)).append(time.monotonic())
 
     async def _grant(self, task: LiveTask, worker: LiveWorker) -> None:
         command = self._grant_command(task, worker)
@@ -1015,9 +1019,7 @@ class Scheduler:
         """
         key = (tenant, state.task_id)
         if (
-            self.placement.jobs
-            or self._queue
-            or not (self.ready and self.active)
+            not self.idle()
             or key in self.tasks
             or state.status != TaskStatus.PENDING
             or state.workflow_id is not None
@@ -1034,10 +1036,15 @@ class Scheduler:
             return None
         self.tasks[key] = task
         task.granting = True
-        self._grants.setdefault(tenant, deque(maxlen=4096)).append(time.monotonic())
+        self._note_grant(tenant)
         command = self._grant_command(task, worker)
         self._placed_new[key] = (task, worker, command, submitted.event_id)
         return command
+
+    def idle(self) -> bool:
+        """Nothing waits and the scheduler is live (the feed applied, the leader): the
+        precondition of :meth:`place_new`, cheap enough to ask before a submission."""
+        return not (self.placement.jobs or self._queue) and self.ready and self.active
 
     def placed_new(
         self, key: Key, submitted_seq: int | None, result: dict[str, Any] | None

@@ -134,7 +134,9 @@ class _Held:
 
 class Placer(Protocol):
     """Decides a new task's lease while it is being submitted (the node's scheduler):
-    ``Scheduler.place_new`` and ``Scheduler.placed_new``."""
+    ``Scheduler.idle``, ``Scheduler.place_new`` and ``Scheduler.placed_new``."""
+
+    def idle(self) -> bool: ...
 
     def place_new(self, tenant: str, state: Any, submitted: Event[Any]) -> Command | None: ...
 
@@ -388,6 +390,7 @@ class CommandService:
             and plan.key[1] == "task"
             and len(plan.events) == 1
             and plan.expected_seq == 0
+            and placer.idle()  # else place_new declines: no task and loop turn for it
         ):
             return await self._append_placed(plan, placer)
         return await self._append_plain(plan)

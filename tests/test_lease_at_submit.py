@@ -65,6 +65,9 @@ class _Placer:
         self.asked: list[tuple[str, TaskState]] = []
         self.told: list[tuple[tuple[str, str], int | None, dict[str, Any] | None]] = []
 
+    def idle(self) -> bool:
+        return True
+
     def place_new(self, tenant: str, state: Any, submitted: Event[Any]) -> GrantLease | None:
         self.asked.append((tenant, state))
         return GrantLease(
