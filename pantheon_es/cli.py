@@ -1,8 +1,10 @@
 """The ``pantheon`` command line.
 
-Conventions (docs/cli.md): every command takes ``--nats-url`` (env
-PANTHEON_NATS_URL), ``--data-dir`` (env PANTHEON_DATA_DIR, default
-``./.pantheon``) and ``--tenant`` (env PANTHEON_TENANT, default ``default``).
+Conventions (../shared/DESIGN.md, "CLI conventions"): every command takes
+``--nats-url`` (env PANTHEON_NATS_URL), ``--data-dir`` (env PANTHEON_DATA_DIR,
+default ``./.pantheon``) and ``--tenant`` (env PANTHEON_TENANT, default
+``default``; on the audit tools ``replay``, ``verify``, ``whatif`` and ``snapshot``
+the default is ``*``, every tenant: docs/decisions.md).
 Without a NATS URL a client command finds the ``pantheon up`` running on the
 data directory. Commands that read state take ``--json`` and then print one
 JSON document on stdout and nothing else. Exit codes: 0 success, 1 a typed
@@ -70,6 +72,18 @@ DataDir = Annotated[
 ]
 Tenant = Annotated[
     str, typer.Option("--tenant", envvar="PANTHEON_TENANT", help="Tenant to act for.")
+]
+#: --tenant of the tools that read the whole log (replay, verify, whatif, snapshot): every
+#: tenant unless one is named, here or by PANTHEON_TENANT (docs/decisions.md).
+TenantScope = Annotated[
+    str,
+    typer.Option(
+        "--tenant",
+        envvar="PANTHEON_TENANT",
+        metavar="TENANT|'*'",
+        help="Only this tenant ('*': every tenant). PANTHEON_TENANT, when set, narrows too: "
+        "pass --tenant '*' to cover every tenant anyway.",
+    ),
 ]
 Root = Annotated[
     str,
@@ -1465,7 +1479,7 @@ async def _embedded(
         err.print("embedded node stopped", highlight=False)
 
 
-workflow_app = typer.Typer(help="Inspect and cancel workflows.", no_args_is_help=True)
+workflow_app = typer.Typer(help="Inspect, cancel and redrive workflows.", no_args_is_help=True)
 app.add_typer(workflow_app, name="workflow")
 
 
@@ -1510,6 +1524,30 @@ def workflow_cancel(
         _print_json(result)
     else:
         print(f"{workflow_id} {result['status']}")
+
+
+@workflow_app.command("redrive")
+def workflow_redrive(
+    workflow_id: Annotated[str, typer.Argument(help="A failed or cancelled workflow's id.")],
+    reason: Annotated[str | None, typer.Option(help="Why (recorded in the event).")] = None,
+    json_out: Json = False,
+    nats_url: NatsUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    tenant: Tenant = "default",
+    root: Root = "pantheon",
+) -> None:
+    """Run a failed or cancelled workflow again: the tasks that did not complete run
+    again, each once its dependencies completed; completed tasks keep their results."""
+    result = _run(
+        _with_client(
+            nats_url, data_dir, tenant, root, lambda c: c.redrive_workflow(workflow_id, reason)
+        )
+    )
+    if json_out:
+        _print_json(result)
+    else:
+        again = ", ".join(result["tasks"])
+        print(f"{workflow_id} {result['status']} (redrive {result['redrive']}: {again})")
 
 
 @workflow_app.command("list")
@@ -1588,8 +1626,32 @@ SkipUnknown = Annotated[
 ]
 
 
+def _tenant_scope(ctx: typer.Context, tenant: str, command: str) -> str | None:
+    """A :data:`TenantScope` value: None for every tenant, else the one tenant (checked).
+
+    A tenant taken from PANTHEON_TENANT is said on stderr, so that nobody reads a
+    one-tenant check as the whole system's.
+    """
+    from pantheon_es.subjects import check_token
+
+    if tenant == "*":
+        return None
+    try:
+        check_token("tenant", tenant)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--tenant") from None
+    source = ctx.get_parameter_source("tenant")
+    if source is not None and source.name == "ENVIRONMENT":
+        err.print(
+            f"{command}: tenant {tenant} only (PANTHEON_TENANT); --tenant '*' for every tenant",
+            highlight=False,
+        )
+    return tenant
+
+
 @app.command()
 def replay(
+    ctx: typer.Context,
     out_file: Annotated[
         Path, typer.Option("--out", help="The new SQLite file to build the read models into.")
     ],
@@ -1608,15 +1670,17 @@ def replay(
     json_out: Json = False,
     nats_url: NatsUrl = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    tenant: Tenant = "default",
+    tenant: TenantScope = "*",
     root: Root = "pantheon",
 ) -> None:
     """Rebuild every read model from the log into a new SQLite file: the state at a time.
 
-    Reads the whole log (every tenant) up to --until-seq or --until (default: its
-    end) and writes the tables `pantheon up` keeps, in a file of their own; the
-    live log, database and state bucket are only read. A failed replay leaves no
-    file. See docs/operations.md, "Replay and verify".
+    Reads the log up to --until-seq or --until (default: its end) and writes the
+    tables `pantheon up` keeps, in a file of their own; the live log, database and
+    state bucket are only read. A failed replay leaves no file. Every tenant by
+    default; with --tenant T (or PANTHEON_TENANT) only T's events are read and the
+    file holds T's rows (workers: those registered in T). See docs/operations.md,
+    "Replay and verify".
     """
     from tools.events import parse_iso
     from tools.replay import replay as run_replay
@@ -1631,6 +1695,7 @@ def replay(
         raise typer.BadParameter(f"{out_file} exists; pass --force to overwrite it")
     if not out_file.parent.is_dir():
         raise typer.BadParameter(f"directory {out_file.parent} does not exist")
+    scope = _tenant_scope(ctx, tenant, "replay")
     logs.configure("warning")  # on stderr: --json keeps stdout to itself
     tune_gc()
 
@@ -1644,26 +1709,28 @@ def replay(
             try:
                 return await run_replay(
                     store, out_file, until_seq=until_seq, until=when,
-                    skip_unknown=skip_unknown, force=force,
+                    skip_unknown=skip_unknown, force=force, tenant=scope,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )  # fmt: skip
             except UnknownEventTypeError as exc:
                 exc.message += "; pass --skip-unknown to go past it"
                 raise
 
-    summary = _run(_with_log(nats_url, data_dir, tenant, root, main))
+    summary = _run(_with_log(nats_url, data_dir, scope or "default", root, main))
     if json_out:
         _print_json(summary.to_dict())
     else:
+        of = f"tenant {scope}'s " if scope is not None else ""
         out.print(
-            f"replayed {summary.events} events (through sequence {summary.last_seq}) into "
-            f"{summary.out} in {summary.seconds:.2f} s",
+            f"replayed {summary.events} {of}events (through sequence {summary.last_seq}) "
+            f"into {summary.out} in {summary.seconds:.2f} s",
             highlight=False,
         )
 
 
 @app.command()
 def verify(
+    ctx: typer.Context,
     db: Annotated[
         Path | None,
         typer.Option(help="Live read-model database. Default: DATA_DIR/projections.db."),
@@ -1675,21 +1742,25 @@ def verify(
     json_out: Json = False,
     nats_url: NatsUrl = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    tenant: Tenant = "default",
+    tenant: TenantScope = "*",
     root: Root = "pantheon",
 ) -> None:
     """Check the live read models against a rebuild, and the invariants of the whole history.
 
     Rebuilds the read models up to the live database's checkpoint and compares
     them table by table (checksums; differing rows named by key), then folds the
-    whole log (every tenant) through the invariant checks (leases, fencing,
-    capacity, terminal events, message order, dependencies), naming each event
-    that breaks one. Exit code 0 if all agree, 1 on any difference or violation.
+    whole log through the invariant checks (leases, fencing, capacity, terminal
+    events, message order, dependencies), naming each event that breaks one. Exit
+    code 0 if all agree, 1 on any difference or violation. Every tenant by default;
+    with --tenant T (or PANTHEON_TENANT) only T's events and rows, and the checks
+    that need every tenant (worker capacity: workers are shared) are reported as
+    not checked.
     """
     from pantheon_es.node import DB_NAME
     from tools.verify import verify as run_verify
 
     db_path = db if db is not None else data_dir / DB_NAME
+    scope = _tenant_scope(ctx, tenant, "verify")
     logs.configure("warning")
     tune_gc()
 
@@ -1700,19 +1771,20 @@ def verify(
         with _progress("verify") as bar:
             task = bar.add_task("verify", total=None)
             return await run_verify(
-                store, db_path, skip_unknown=skip_unknown,
+                store, db_path, skip_unknown=skip_unknown, tenant=scope,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )  # fmt: skip
 
-    report = _run(_with_log(nats_url, data_dir, tenant, root, main))
+    report = _run(_with_log(nats_url, data_dir, scope or "default", root, main))
     if json_out:
         _print_json(report.to_dict())
     else:
         _show_verify(report, show)
     if not report.ok:
         bad = sum(1 for t in report.tables if not t.equal)
+        only = f" (tenant {report.tenant} only)" if report.tenant is not None else ""
         err.print(
-            f"[red]verify FAILED[/red]: {bad} table(s) differ from a rebuild, "
+            f"[red]verify FAILED[/red]{only}: {bad} table(s) differ from a rebuild, "
             f"{len(report.violations)} invariant violation(s)",
             highlight=False,
         )
@@ -1725,7 +1797,11 @@ def _show_verify(report: Any, show: int) -> None:
         result = "[green]equal[/green]" if t.equal else "[red]DIFFERS[/red]"
         tables.add_row(t.table, str(t.live_rows), str(t.rebuilt_rows), t.live_checksum[:16],
                        result)  # fmt: skip
-    out.print(f"read models of {report.db} at sequence {report.checkpoint} against a rebuild:")
+    whose = f"tenant {report.tenant}'s rows of the " if report.tenant is not None else ""
+    out.print(
+        f"{whose}read models of {report.db} at sequence {report.checkpoint} against a rebuild:",
+        highlight=False,
+    )
     out.print(tables)
     for t in report.tables:
         named = [("missing (rebuild only)", k) for k in t.missing]
@@ -1736,13 +1812,23 @@ def _show_verify(report: Any, show: int) -> None:
                       highlight=False)  # fmt: skip
         if len(named) > show:
             out.print(f"  {t.table}: ... and {len(named) - show} more rows", highlight=False)
-    checks = Table("INVARIANT", "VIOLATIONS", "WHAT IT MEANS")
-    for name, count in report.counts.items():
-        from tools.invariants import INVARIANTS
+    from tools.invariants import INVARIANTS
 
-        checks.add_row(name, str(count) if count else "[green]0[/green]", INVARIANTS[name])
-    out.print(f"invariants over {report.events} events (through sequence {report.last_seq}):")
+    checks = Table("INVARIANT", "VIOLATIONS", "WHAT IT MEANS")
+    for name, text in INVARIANTS.items():
+        count = report.counts.get(name)
+        if count is None:
+            checks.add_row(name, "[yellow]not checked[/yellow]", text)
+        else:
+            checks.add_row(name, str(count) if count else "[green]0[/green]", text)
+    of = f"tenant {report.tenant}'s " if report.tenant is not None else ""
+    out.print(
+        f"invariants over {report.events} {of}events (through sequence {report.last_seq}):",
+        highlight=False,
+    )
     out.print(checks)
+    for name, why in report.not_checked.items():
+        out.print(f"  {name} not checked: {why}", highlight=False, soft_wrap=True)
     shown: dict[str, int] = {}
     for v in report.violations:
         shown[v.invariant] = shown.get(v.invariant, 0) + 1
@@ -1752,7 +1838,8 @@ def _show_verify(report: Any, show: int) -> None:
         if count > show:
             out.print(f"  {name}: ... and {count - show} more", highlight=False)
     if report.ok:
-        out.print(f"[green]verify OK[/green] in {report.seconds:.2f} s")
+        scope = f" (tenant {report.tenant} only)" if report.tenant is not None else ""
+        out.print(f"[green]verify OK[/green]{scope} in {report.seconds:.2f} s")
 
 
 # -- schema ----------------------------------------------------------------------------------------
@@ -1856,6 +1943,7 @@ def audit(
 
 @app.command()
 def whatif(
+    ctx: typer.Context,
     policy: Annotated[
         Path,
         typer.Option(
@@ -1873,7 +1961,7 @@ def whatif(
     json_out: Json = False,
     nats_url: NatsUrl = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    tenant: Tenant = "default",
+    tenant: TenantScope = "*",
     root: Root = "pantheon",
 ) -> None:
     """Replay the recorded workload under another scheduling policy, in simulated time.
@@ -1882,8 +1970,8 @@ def whatif(
     and observed run durations. Runs them through the scheduler's placement policy as set by
     --policy (weights, aging, limits, or plain FIFO) and prints, side by side with what really
     happened, wait-time percentiles per priority band and per tenant, utilisation per resource
-    and makespan. Covers every tenant of the deployment (workers and limits are shared);
-    --tenant only names who connects.
+    and makespan. Always simulates every tenant's work (workers and limits are shared);
+    --tenant T (or PANTHEON_TENANT) reports T's figures only, so it still reads the whole log.
 
     Example: `pantheon whatif --policy examples/whatif-fifo.yaml`. Policy fields: mode
     (priority|fifo), aging_per_s, band, tenant_weights, fairness_weights, max_running_agents,
@@ -1908,6 +1996,7 @@ def whatif(
             cutoff = parse_iso(until)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--until") from None
+    scope = _tenant_scope(ctx, tenant, "whatif")
 
     async def main(client: PantheonClient) -> dict[str, Any]:
         store = EventStore(client.nc, client.subjects)
@@ -1920,18 +2009,25 @@ def whatif(
                 progress=lambda seq, last: bar.update(task, completed=seq, total=last),
             )
             bar.update(task, description=f"simulating {len(workload.tasks)} tasks")
-            return compare(workload, policy_file)
+            return compare(workload, policy_file, scope)
 
-    report = _run(_with_log(nats_url, data_dir, tenant, root, main))
+    report = _run(_with_log(nats_url, data_dir, scope or "default", root, main))
     if json_out:
         _print_json(report)
         return
+    if scope is not None:
+        out.print(
+            f"tenant {scope}'s figures; the simulation ran every tenant's work "
+            f"({report['log']['events']} events), as all compete for the same workers",
+            highlight=False,
+        )
     for table in tables(report):
         out.print(table)
 
 
 @app.command()
 def snapshot(
+    ctx: typer.Context,
     keep: Annotated[
         int, typer.Option(min=1, help="Snapshots to keep in the bucket; older ones are deleted.")
     ] = 3,
@@ -1947,7 +2043,16 @@ def snapshot(
     json_out: Json = False,
     nats_url: NatsUrl = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    tenant: Tenant = "default",
+    tenant: Annotated[
+        str,
+        typer.Option(
+            "--tenant",
+            envvar="PANTHEON_TENANT",
+            metavar="'*'",
+            help="Only '*': a snapshot holds every tenant. Another tenant, here or in "
+            "PANTHEON_TENANT, is refused (exit 2).",
+        ),
+    ] = "*",
     root: Root = "pantheon",
 ) -> None:
     """Store a snapshot of the read models in JetStream (object store <namespace>-snapshots).
@@ -1955,10 +2060,19 @@ def snapshot(
     Copies the read models of the node on --data-dir at their checkpoint, while it runs.
     A node starting with no read models (or far behind) restores the newest snapshot
     and replays only the rest of the log. Never appends to the event log.
-    A snapshot covers every tenant (--tenant is not used).
+    A snapshot always covers every tenant: a node restores it whole, so a tenant
+    (--tenant or PANTHEON_TENANT) is refused with exit code 2 rather than ignored.
     """
     from tools.snapshot import snapshot as make
 
+    if tenant != "*":
+        from_env = getattr(ctx.get_parameter_source("tenant"), "name", "") == "ENVIRONMENT"
+        given = " (from PANTHEON_TENANT)" if from_env else ""
+        raise typer.BadParameter(
+            f"a snapshot holds every tenant's read models (a node restores it whole), so it "
+            f"cannot be narrowed to tenant {tenant!r}{given}; pass --tenant '*'",
+            param_hint="--tenant",
+        )
     logs.configure("warning")
     with err.status("snapshot", spinner="dots") as status:
         result = _run(

@@ -383,6 +383,16 @@ class PantheonClient:
         _put(body, reason=reason)
         return await self.command("workflow", "cancel", body)
 
+    async def redrive_workflow(self, workflow_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Run a failed or cancelled workflow's nodes that did not complete again.
+
+        Returns ``{"workflow_id", "status": "running", "redrive", "tasks": {node:
+        task_id}}`` (the nodes that run again); completed nodes keep their results.
+        """
+        body: dict[str, Any] = {"workflow_id": workflow_id}
+        _put(body, reason=reason)
+        return await self.command("workflow", "redrive", body)
+
     async def get_workflow(self, workflow_id: str, *, nodes: bool = True) -> dict[str, Any]:
         return await self.query("workflow", "get", {"workflow_id": workflow_id, "nodes": nodes})
 

@@ -54,6 +54,7 @@ from pantheon_es.events import REGISTRY, Event, EventRecord
 from pantheon_es.placement import Amount, Job, Placement, Policy
 from pantheon_es.service import CommandService
 from pantheon_es.specs import OPTION_FIELDS, Resources, SchedulingOptions
+from pantheon_es.store import StoredEvent
 from pantheon_es.subjects import Subjects
 from pantheon_es.tasks import (
     LIVE,
@@ -63,10 +64,12 @@ from pantheon_es.tasks import (
     ExpireLease,
     GrantLease,
     Lease,
+    RedriveWorkflowTask,
     SkipTask,
     SpawnAgent,
     SubmitTask,
     SubmitWorkflowTask,
+    TaskCompleted,
     TaskState,
     TaskStatus,
     TaskSubmitted,
@@ -79,6 +82,7 @@ from pantheon_es.workflows import (
     FinishWorkflow,
     NodeSpec,
     StartWorkflow,
+    WorkflowRedriven,
     WorkflowState,
 )
 from projections.tasks import LIVE_ROWS_FROM as TASKS_LIVE_ROWS
@@ -129,6 +133,9 @@ class LiveWorkflow:
     results: dict[str, Any] = field(default_factory=dict)  # task id -> result (completed)
     failing: bool = False  # fail_fast was triggered
     finishing: bool = False
+    #: nodes of its redrive not yet seen back in the log (their TaskRedriven), and its reason
+    redriving: set[str] = field(default_factory=set)
+    redrive_reason: str = ""
 
     @classmethod
     def of(cls, tenant: str, state: WorkflowState, seq: int) -> LiveWorkflow:
@@ -335,6 +342,13 @@ class Scheduler:
         #: leases decided for tasks being submitted (place_new), until placed_new
         #: (task, worker, grant, submission's event id)
         self._placed_new: dict[Key, tuple[LiveTask, LiveWorker, GrantLease, str]] = {}
+        #: tasks being read back from the log (redriven) -> the last sequence the feed
+        #: showed of them meanwhile (the read must cover it)
+        self._adopting: dict[Key, int] = {}
+        #: redriven workflows being read back from the log: set when they are live again;
+        #: and the last sequence the feed showed of each meanwhile
+        self._loading: dict[Key, asyncio.Event] = {}
+        self._loading_seen: dict[Key, int] = {}
 
     # -- start-up ------------------------------------------------------------------------------
     def bootstrap(self, db: Any, position: int, head: int) -> None:
@@ -426,10 +440,11 @@ class Scheduler:
     def _bootstrap_workflows(self, db: Any) -> None:
         rows = db.execute(
             "SELECT tenant, id, name, status, failure_policy, nodes, created_at, "
-            "cancel_requested_at, last_seq FROM workflows INDEXED BY workflows_live "
-            f"WHERE {WORKFLOWS_LIVE}"
+            "cancel_requested_at, last_seq, redrives, last_redrive "
+            f"FROM workflows INDEXED BY workflows_live WHERE {WORKFLOWS_LIVE}"
         ).fetchall()
-        for tenant, wf_id, name, status, policy, nodes, created, cancel_at, seq in rows:
+        for (tenant, wf_id, name, status, policy, nodes, created, cancel_at, seq, redrives,
+             last_redrive) in rows:  # fmt: skip
             specs = tuple(
                 NodeSpec(name=n["name"], task_id=n["task_id"], depends_on=n["depends_on"], spec={})
                 for n in orjson.loads(nodes)
@@ -442,18 +457,32 @@ class Scheduler:
                 nodes=specs,
                 created_at=datetime.fromisoformat(created),
                 cancel_requested=cancel_at is not None,
+                redrives=redrives,
             )
             wf = LiveWorkflow.of(tenant, state, seq)
-            finished = ", ".join(f"'{s}'" for s in _FINISHED_STATUS.values())
-            for task_id, task_status, result in db.execute(
-                "SELECT id, status, result FROM tasks INDEXED BY tasks_workflow "
-                "WHERE tenant = ? AND workflow_id = ? "
-                f"AND status IN ({finished})",
+            # A redrive's nodes whose last event precedes it are not back yet: how they
+            # ended is the last run's, not an outcome of this one.
+            redrive = orjson.loads(last_redrive) if last_redrive else {}
+            again = set(redrive.get("tasks") or ())
+            since = redrive.get("seq", 0)
+            back: set[str] = set()
+            finished = set(_FINISHED_STATUS.values())
+            for task_id, task_status, result, task_seq in db.execute(
+                "SELECT id, status, result, task_seq FROM tasks INDEXED BY tasks_workflow "
+                "WHERE tenant = ? AND workflow_id = ?",
                 (tenant, wf_id),
             ).fetchall():
+                if task_id in again:
+                    if task_seq < since:
+                        continue
+                    back.add(task_id)
+                if task_status not in finished:
+                    continue
                 wf.outcome[task_id] = task_status
                 if task_status == "completed":
                     wf.results[task_id] = orjson.loads(result) if result else None
+            wf.redriving = again - back
+            wf.redrive_reason = redrive.get("reason") or ""
             wf.failing = wf.state.failure_policy == "fail_fast" and any(
                 v != "completed" for v in wf.outcome.values()
             )
@@ -625,7 +654,10 @@ class Scheduler:
                     task.seq = record.seq  # ... and now known stored
             return
         if task is None:
-            if record.type == "TaskRedriven":  # back from the dead-letter queue
+            if key in self._adopting:  # being read back: the read must cover this event
+                self._adopting[key] = record.seq
+            elif record.type == "TaskRedriven":  # from the dead-letter queue, or its workflow's
+                self._adopting[key] = record.seq
                 self._spawn(self._adopt(record.tenant, record.aggregate_id))
             return  # finished (not live)
         if record.seq <= task.seq:
@@ -712,18 +744,55 @@ class Scheduler:
         self._track(task)
 
     async def _adopt(self, tenant: str, task_id: str) -> None:
-        """Load a task that came back to life (redriven) into the live set."""
-        store = self.service.store
-        history = await store.read_aggregate(tenant, "task", task_id)
-        if not history or (tenant, task_id) in self.tasks:
-            return
-        state = TASK.fold([h.event for h in history])
-        if state is None or state.status not in LIVE:
-            return
-        first = history[0].event.data
-        spec = _spec_of(first)
-        self._add_task(tenant, state, history[-1].seq, spec)
-        self._wake.set()
+        """Load a task that came back to life (redriven) into the live set.
+
+        Its events that the feed brings meanwhile find no live task; they only move
+        ``_adopting[key]`` on, and the history read here covers them, so a task that
+        ended meanwhile is not taken back in (a workflow's node then gets its outcome).
+        """
+        key = (tenant, task_id)
+        try:
+            while True:
+                history = await self._read_fresh(tenant, "task", task_id, self._adopting)
+                if not history or key in self.tasks:
+                    return
+                state = TASK.fold([h.event for h in history])
+                if state is None:
+                    return
+                loading = self._loading.get((tenant, state.workflow_id or ""))
+                if loading is None:
+                    break
+                await loading.wait()  # its workflow is being read back: then read again
+            wf = self.workflows.get((tenant, state.workflow_id or ""))
+            if wf is not None:
+                wf.redriving.discard(task_id)
+            if state.status in LIVE:
+                self._add_task(tenant, state, history[-1].seq, _spec_of(history[0].event.data))
+                self._wake.set()
+            elif wf is not None and task_id in wf.node_of and task_id not in wf.outcome:
+                # ended before it was read back: the feed's copy of its end found no task
+                result = next(
+                    (h.event.data.result for h in reversed(history)
+                     if isinstance(h.event.data, TaskCompleted)),
+                    None,
+                )  # fmt: skip
+                self._node_outcome(wf, task_id, state.status.value, result)
+        finally:
+            self._adopting.pop(key, None)
+
+    async def _read_fresh(
+        self, tenant: str, aggregate: str, aggregate_id: str, seen: dict[Key, int]
+    ) -> list[StoredEvent]:
+        """An aggregate's history, read until it reaches what the feed showed of it
+        (``seen``): a direct get answered by a replica may lag a little."""
+        key = (tenant, aggregate_id)
+        history: list[StoredEvent] = []
+        for _ in range(50):
+            history = await self.service.store.read_aggregate(tenant, aggregate, aggregate_id)
+            if history and history[-1].seq >= seen.get(key, 0):
+                break
+            await asyncio.sleep(0.02)
+        return history
 
     def _make_pending(self, task: LiveTask) -> None:
         """The task is pending: placeable now, or once its retry is due."""
@@ -873,7 +942,7 @@ class Scheduler:
         self._spawn(self._execute(worker.tenant, command, (worker.state, worker.seq)))
 
     async def _execute(
-        self, tenant: str, command: Any, known: tuple[Any, int]
+        self, tenant: str, command: Any, known: tuple[Any, int] | None
     ) -> dict[str, Any] | None:
         if not self.active:
             return None  # a standby decides nothing; the leader derives it again
@@ -1112,6 +1181,17 @@ class Scheduler:
                 if self._resumed and self.active:
                     self._spawn(self._materialize(record.tenant, record.aggregate_id, created))
             return
+        if key in self._loading:  # being read back: the read must cover this event
+            self._loading_seen[key] = record.seq
+            return
+        if record.type == "WorkflowRedriven":
+            if wf is None or record.seq > wf.seq:
+                # Finished, so not in the live set: its graph is read back from the log.
+                self.workflows.pop(key, None)
+                self._loading[key] = asyncio.Event()
+                self._loading_seen[key] = record.seq
+                self._spawn(self._reload_workflow(record.tenant, record.aggregate_id))
+            return
         if wf is None or record.seq <= wf.seq:
             return
         wf.state = WORKFLOW.evolve(wf.state, self._typed(record))
@@ -1139,6 +1219,7 @@ class Scheduler:
                     self._skip(task, wf, broken[0])
                 elif wf.stopping:
                     self._decide(task, CancelTask(task_id=task_id, reason=self._why_stop(wf)))
+            self._redrive_nodes(wf)
             self._check_finished(wf)
 
     async def _materialize(
@@ -1225,13 +1306,16 @@ class Scheduler:
         wf = self.workflows.get((task.tenant, task.state.workflow_id or ""))
         if wf is None:
             return
-        task_id = task.state.task_id
         status = _FINISHED_STATUS[record.type]
+        self._node_outcome(wf, task.state.task_id, status, record.data.get("result"))
+
+    def _node_outcome(self, wf: LiveWorkflow, task_id: str, status: str, result: Any) -> None:
+        """A node ended: its dependents go on (or are skipped), the workflow may end."""
         wf.outcome[task_id] = status
         if status == "completed":
-            wf.results[task_id] = record.data.get("result")
+            wf.results[task_id] = result
         for dependent in wf.dependents.get(task_id, ()):
-            other = self.tasks.get((task.tenant, dependent))
+            other = self.tasks.get((wf.tenant, dependent))
             if other is None or other.state.status != TaskStatus.PENDING:
                 continue  # not created yet: it looks at the outcomes when it is
             if status == "completed":
@@ -1253,8 +1337,114 @@ class Scheduler:
         counts: dict[str, int] = {}
         for status in wf.outcome.values():
             counts[status] = counts.get(status, 0) + 1
-        command = FinishWorkflow(workflow_id=wf.state.workflow_id, counts=counts)
+        not_completed = [t for t in wf.node_of if wf.outcome[t] != "completed"]
+        command = FinishWorkflow(
+            workflow_id=wf.state.workflow_id, counts=counts, not_completed=not_completed
+        )
         self._spawn(self._execute(wf.tenant, command, (wf.state, wf.seq)))
+
+    # -- a workflow's redrive --------------------------------------------------------------------
+    async def _reload_workflow(self, tenant: str, workflow_id: str) -> None:
+        """A redriven workflow comes back into the live set: its graph, and the results
+        of the completed nodes that the nodes running again depend on, read from the log.
+
+        Every node outside the redrive completed (``WorkflowFinished.not_completed``);
+        the redrive's nodes have no outcome until they end again. Then (leader) they are
+        brought back (:meth:`_redrive_nodes`).
+        """
+        key = (tenant, workflow_id)
+        wf: LiveWorkflow | None = None
+        try:
+            while True:
+                seen = self._loading_seen
+                history = await self._read_fresh(tenant, "workflow", workflow_id, seen)
+                state = WORKFLOW.fold([h.event for h in history])
+                redriven = next(
+                    (h.event.data for h in reversed(history)
+                     if isinstance(h.event.data, WorkflowRedriven)),
+                    None,
+                )  # fmt: skip
+                if state is None or state.finished or redriven is None:
+                    return
+                wf = LiveWorkflow.of(tenant, state, history[-1].seq)
+                again = set(redriven.tasks)
+                for task_id in wf.node_of:
+                    if task_id not in again:
+                        wf.outcome[task_id] = "completed"
+                needed = {d for t in again for d in wf.deps.get(t, ()) if d not in again}
+                wf.results = await self._results(tenant, needed)
+                wf.redriving = again
+                wf.redrive_reason = redriven.reason
+                if self._loading_seen.get(key, 0) <= wf.seq:
+                    break  # else the workflow moved on while its results were read
+            self.workflows[key] = wf
+        except PantheonError as err:
+            log.warning("redriven workflow not loaded", workflow_id=workflow_id, error=str(err))
+            return
+        finally:
+            self._loading_seen.pop(key, None)
+            loaded = self._loading.pop(key, None)
+            if loaded is not None:
+                loaded.set()
+        if wf is not None and self.active and self._resumed:
+            self._redrive_nodes(wf)
+
+    async def _results(self, tenant: str, task_ids: set[str]) -> dict[str, Any]:
+        """The results of completed tasks, from their ``TaskCompleted`` in the log."""
+        gate = asyncio.Semaphore(16)
+        out: dict[str, Any] = {}
+
+        async def one(task_id: str) -> None:
+            async with gate:
+                history = await self.service.store.read_aggregate(tenant, "task", task_id)
+            for h in reversed(history):
+                if isinstance(h.event.data, TaskCompleted):
+                    out[task_id] = h.event.data.result
+                    return
+
+        await asyncio.gather(*(one(t) for t in task_ids))
+        return out
+
+    def _redrive_nodes(self, wf: LiveWorkflow) -> None:
+        """Bring back the redrive's nodes not seen back yet, dependencies first (the
+        scheduler appends their ``TaskRedriven``; one decided twice changes nothing)."""
+        if not wf.redriving or not self.active:
+            return
+        nodes = [
+            n
+            for n in in_dependency_order(list(wf.state.nodes))
+            if n.task_id in wf.redriving
+            and (wf.tenant, n.task_id) not in self.tasks
+            and (wf.tenant, n.task_id) not in self._adopting
+        ]
+        if nodes:
+            self._spawn(self._bring_back(wf, nodes))
+
+    async def _bring_back(self, wf: LiveWorkflow, nodes: list[NodeSpec]) -> None:
+        gate = asyncio.Semaphore(32)
+        key = (wf.tenant, wf.state.workflow_id)
+
+        async def one(node: NodeSpec) -> None:
+            command = RedriveWorkflowTask(
+                task_id=node.task_id,
+                workflow_id=wf.state.workflow_id,
+                redrive=wf.state.redrives,
+                reason=wf.redrive_reason or "workflow redriven",
+                waiting_for=[d for d in node.depends_on if wf.outcome.get(d) != "completed"],
+            )
+            async with gate:
+                result = await self._execute(wf.tenant, command, None)
+            if (
+                result is not None
+                and result.get("archived")
+                and self.workflows.get(key) is wf
+                and node.task_id not in wf.outcome
+            ):
+                # Archived since it ended: it stays as it ended, and counts so.
+                wf.redriving.discard(node.task_id)
+                self._node_outcome(wf, node.task_id, result["status"], None)
+
+        await asyncio.gather(*(one(n) for n in nodes))
 
     def _stop_on_worker(self, task: LiveTask, lease: Lease, reason: str) -> None:
         message = {

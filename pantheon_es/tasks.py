@@ -11,6 +11,8 @@ Life of a task (an agent is a task whose executor is ``agent``)::
     pending --TaskTimedOut (schedule_to_start)--> timed_out
     pending --TaskSkipped (a workflow dependency did not complete)--> skipped
     failed/timed_out --TaskRedriven--> pending       (failed tasks are the dead-letter queue)
+    (a workflow's node: failed/timed_out/cancelled/skipped --TaskRedriven--> pending, when
+     its workflow is redriven)
     terminal --TaskArchived--> (gone from read models)
 
 A lease carries a fencing token (the task's lease counter: 1, 2, 3...). Every
@@ -222,6 +224,24 @@ class RedriveTask(Command, aggregate="task", verb="redrive"):
         return self.task_id
 
 
+class RedriveWorkflowTask(Command, aggregate="task"):
+    """Internal: a node of a redriven workflow runs again (the scheduler decides these).
+
+    ``redrive`` is the workflow's redrive number: a node already brought back by it
+    is left as it is, so deciding it twice (a restart mid-redrive) is harmless.
+    ``waiting_for``: its dependencies (task ids) that had not completed then.
+    """
+
+    task_id: TaskId
+    workflow_id: str
+    redrive: int = Field(ge=1)
+    reason: Reason = "workflow redriven"
+    waiting_for: list[str] = Field(default_factory=list)
+
+    def target_id(self) -> str | None:
+        return self.task_id
+
+
 class ArchiveTask(Command, aggregate="task", verb="archive"):
     """Drop a finished task from the read models; its history stays in the log."""
 
@@ -408,6 +428,10 @@ class RetryScheduled(EventData, type_name="RetryScheduled", version=1, aggregate
 class TaskRedriven(EventData, type_name="TaskRedriven", version=1, aggregate="task"):
     previous_status: str
     reason: str
+    #: a workflow's node: the workflow's redrive that brought it back
+    workflow_redrive: int | None = None
+    #: a workflow's node: its dependencies (task ids) that had not completed yet
+    waiting_for: list[str] | None = None
 
 
 class TaskCancelled(EventData, type_name="TaskCancelled", version=1, aggregate="task"):
@@ -462,6 +486,8 @@ class TaskState:
     workflow_id: str | None = None
     node: str | None = None
     depends_on: tuple[str, ...] = ()
+    #: the last workflow redrive that brought this node back (0: none)
+    workflow_redrive: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -549,7 +575,7 @@ def _retry_scheduled(data: RetryScheduled, state: TaskState, event: Event[Any]) 
 
 @_apply.register
 def _redriven(data: TaskRedriven, state: TaskState, event: Event[Any]) -> Changes:
-    return dict(
+    changes: Changes = dict(
         status=TaskStatus.PENDING,
         lease=None,
         finished_at=None,
@@ -558,6 +584,9 @@ def _redriven(data: TaskRedriven, state: TaskState, event: Event[Any]) -> Change
         not_before=None,
         attempts_base=state.attempt,
     )
+    if data.workflow_redrive is not None:
+        changes["workflow_redrive"] = data.workflow_redrive
+    return changes
 
 
 @_apply.register
@@ -945,11 +974,44 @@ def _redrive(command: RedriveTask, state: TaskState | None, ctx: DecideContext) 
     if task.workflow_id is not None:
         raise ConflictError(
             f"task {task.task_id} belongs to workflow {task.workflow_id}: its dependents and the "
-            "workflow's outcome would not follow a redrive of one task; run the workflow again",
+            "workflow's outcome would not follow a redrive of one task; redrive the workflow "
+            f"(pantheon workflow redrive {task.workflow_id})",
             details={"task_id": task.task_id, "workflow_id": task.workflow_id},
         )
     event = TaskRedriven(previous_status=task.status.value, reason=command.reason)
     return Decision([event], {"task_id": task.task_id, "status": "pending", "changed": True})
+
+
+#: What a workflow's redrive brings back: every way a node can end but completed.
+NODE_REDRIVABLE = frozenset(
+    {TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED, TaskStatus.SKIPPED}
+)
+
+
+@_decide.register
+def _redrive_node(
+    command: RedriveWorkflowTask, state: TaskState | None, ctx: DecideContext
+) -> Decision:
+    if state is None:
+        raise NotFoundError(
+            f"task {command.task_id} not found", details={"task_id": command.task_id}
+        )
+    if state.archived:  # cleaned up meanwhile: it stays as it ended
+        return Decision([], _status(state, changed=False, archived=True))
+    if state.workflow_id != command.workflow_id:
+        raise ConflictError(
+            f"task {state.task_id} is not a task of workflow {command.workflow_id}",
+            details={"task_id": state.task_id, "workflow_id": command.workflow_id},
+        )
+    if state.workflow_redrive >= command.redrive or state.status not in NODE_REDRIVABLE:
+        return Decision([], _status(state, changed=False))  # brought back already
+    event = TaskRedriven(
+        previous_status=state.status.value,
+        reason=command.reason,
+        workflow_redrive=command.redrive,
+        waiting_for=list(command.waiting_for) or None,
+    )
+    return Decision([event], {"task_id": state.task_id, "status": "pending", "changed": True})
 
 
 @_decide.register

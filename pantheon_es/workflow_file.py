@@ -138,6 +138,7 @@ def progress_view(wf: dict[str, Any], started: float, max_rows: int = 20) -> Gro
         f"{finished}/{total} done  ",
         "  ".join(f"{k} {v}" for k, v in sorted(counts.items())),
         f"  {time.monotonic() - started:.1f}s",
+        (f"  redriven {wf['redrives']}x" if wf.get("redrives") else "", "dim"),
     )
     table = Table("TASK", "STATUS", "ATTEMPT", "PROGRESS", box=None, pad_edge=False)
     active = [n for n in nodes if n["status"] in ("running", "leased")]

@@ -11,6 +11,11 @@ dependents of a failure (policy ``continue``) or cancels the rest
 
     created --WorkflowStarted--> running --WorkflowFinished--> completed | failed | cancelled
                          \\--WorkflowCancelRequested--> (cancelling) --WorkflowFinished--> cancelled
+    failed | cancelled --WorkflowRedriven--> running
+
+``RedriveWorkflow`` runs the nodes that did not complete again (``WorkflowFinished``
+names them): the scheduler appends ``TaskRedriven`` on each, and each waits for its
+dependencies as on a first run; completed nodes keep their results.
 """
 
 from __future__ import annotations
@@ -82,6 +87,21 @@ class CancelWorkflow(Command, aggregate="workflow", verb="cancel"):
         return self.workflow_id
 
 
+class RedriveWorkflow(Command, aggregate="workflow", verb="redrive"):
+    """Run a failed or cancelled workflow's nodes that did not complete again.
+
+    Completed nodes keep their results and do not run again; the others (failed,
+    timed out, skipped, cancelled) start pending and wait for their dependencies
+    as on a first run. The workflow is running again until every node is terminal.
+    """
+
+    workflow_id: TaskId
+    reason: Annotated[str, StringConstraints(max_length=2000)] = "redriven"
+
+    def target_id(self) -> str | None:
+        return self.workflow_id
+
+
 class StartWorkflow(Command, aggregate="workflow"):
     """Internal: every task of the workflow exists."""
 
@@ -92,10 +112,12 @@ class StartWorkflow(Command, aggregate="workflow"):
 
 
 class FinishWorkflow(Command, aggregate="workflow"):
-    """Internal: every node is terminal; ``counts`` by task status."""
+    """Internal: every node is terminal; ``counts`` by task status, and the task ids of
+    the nodes that did not complete (what a redrive runs again), in node order."""
 
     workflow_id: str
     counts: dict[str, int]
+    not_completed: list[str] = Field(default_factory=list)
 
     def target_id(self) -> str | None:
         return self.workflow_id
@@ -134,6 +156,19 @@ class WorkflowCancelRequested(
 class WorkflowFinished(EventData, type_name="WorkflowFinished", version=1, aggregate="workflow"):
     status: str  # completed | failed | cancelled
     counts: dict[str, int]
+    #: task ids of the nodes that did not complete, in node order (None: recorded
+    #: before redrives existed)
+    not_completed: list[str] | None = None
+
+
+class WorkflowRedriven(EventData, type_name="WorkflowRedriven", version=1, aggregate="workflow"):
+    """A failed or cancelled workflow runs again: ``tasks`` (ids) are the nodes that
+    did not complete; the scheduler appends ``TaskRedriven`` on each."""
+
+    reason: str
+    redrive: int  # 1 for the workflow's first redrive, 2 for the next, ...
+    previous_status: str
+    tasks: list[str]
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -149,6 +184,9 @@ class WorkflowState:
     created_at: datetime
     cancel_requested: bool = False
     finished_at: datetime | None = None
+    redrives: int = 0
+    #: after WorkflowFinished: the task ids of the nodes that did not complete
+    not_completed: tuple[str, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -174,7 +212,22 @@ def _cancel_requested(
 
 @_apply.register
 def _finished(data: WorkflowFinished, state: WorkflowState, event: Event[Any]) -> WorkflowState:
-    return replace(state, status=data.status, finished_at=event.occurred_at)
+    not_completed = tuple(data.not_completed) if data.not_completed is not None else None
+    return replace(
+        state, status=data.status, finished_at=event.occurred_at, not_completed=not_completed
+    )
+
+
+@_apply.register
+def _redriven(data: WorkflowRedriven, state: WorkflowState, event: Event[Any]) -> WorkflowState:
+    return replace(
+        state,
+        status="running",
+        finished_at=None,
+        cancel_requested=False,
+        redrives=data.redrive,
+        not_completed=None,
+    )
 
 
 def evolve(state: WorkflowState | None, event: Event[Any]) -> WorkflowState:
@@ -326,8 +379,56 @@ def _finish(command: FinishWorkflow, state: WorkflowState | None, ctx: DecideCon
         status = "completed"
     else:
         status = "failed"
-    event = WorkflowFinished(status=status, counts=counts)
+    event = WorkflowFinished(status=status, counts=counts, not_completed=command.not_completed)
     return Decision([event], {"workflow_id": wf.workflow_id, "status": status})
+
+
+#: A finished workflow in one of these is redriven (docs/decisions.md, "Redriving a workflow").
+REDRIVABLE = frozenset({"failed", "cancelled"})
+
+
+@_decide.register
+def _redrive(command: RedriveWorkflow, state: WorkflowState | None, ctx: DecideContext) -> Decision:
+    wf = _require(state, command.workflow_id)
+    status = "cancelling" if wf.cancel_requested and not wf.finished else wf.status
+    details = {"workflow_id": wf.workflow_id, "status": status}
+    if not wf.finished:
+        raise ConflictError(
+            f"workflow {wf.workflow_id} is {status}; only a finished workflow that failed or "
+            "was cancelled is redriven",
+            details=details,
+        )
+    if wf.status not in REDRIVABLE:
+        raise ConflictError(
+            f"workflow {wf.workflow_id} is {wf.status}; only a workflow that failed or was "
+            "cancelled is redriven",
+            details=details,
+        )
+    if wf.not_completed is None:
+        raise ConflictError(
+            f"workflow {wf.workflow_id} finished before finished workflows recorded which "
+            "tasks did not complete; run it again",
+            details=details,
+        )
+    if not wf.not_completed:
+        raise ConflictError(
+            f"every task of workflow {wf.workflow_id} completed: nothing to run again",
+            details=details,
+        )
+    event = WorkflowRedriven(
+        reason=command.reason,
+        redrive=wf.redrives + 1,
+        previous_status=wf.status,
+        tasks=list(wf.not_completed),
+    )
+    names = {n.task_id: n.name for n in wf.nodes}
+    result = {
+        "workflow_id": wf.workflow_id,
+        "status": "running",
+        "redrive": event.redrive,
+        "tasks": {names.get(t, t): t for t in event.tasks},
+    }
+    return Decision([event], result)
 
 
 def decide(state: WorkflowState | None, command: Command, ctx: DecideContext) -> Decision:

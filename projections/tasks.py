@@ -395,13 +395,12 @@ class TasksModel(ReadModel):
         old = uow.get(TASKS, (ev.tenant, ev.aggregate_id))
         if old is None:
             return
-        self._pending(
-            uow,
-            ev,
-            finished_at=None,
-            attempts_base=old["attempt"],
-            **self._UNBLOCKED,
-        )
+        changes: dict[str, Any] = dict(self._UNBLOCKED)
+        waiting = ev.data.get("waiting_for")
+        if waiting:  # a redriven workflow's node that waits for its dependencies again
+            changes["blocked_reason"] = "dependency_unmet"
+            changes["blocked_details"] = {"depends_on": waiting}
+        self._pending(uow, ev, finished_at=None, attempts_base=old["attempt"], **changes)
 
     def _finish(self, uow: Batch, ev: EventRecord, status: str, **changes: Any) -> None:
         if ev.data.get("started_at"):  # finished before its start was reported

@@ -21,6 +21,7 @@ from pantheon_es.workflows import (
     WorkflowCancelRequested,
     WorkflowCreated,
     WorkflowFinished,
+    WorkflowRedriven,
     WorkflowStarted,
 )
 from projections.base import Batch, Queries, ReadModel, Row, Table, aggregate_row, handles, paged
@@ -48,10 +49,12 @@ WORKFLOWS = Table(
         "finished_at",
         "actor",
         "correlation_id",
+        "redrives",
+        "last_redrive",
         "last_seq",
     ),
     key=("tenant", "id"),
-    json_columns=frozenset({"labels", "nodes", "counts"}),
+    json_columns=frozenset({"labels", "nodes", "counts", "last_redrive"}),
     ddl="""
     CREATE TABLE IF NOT EXISTS workflows (
         id TEXT NOT NULL,
@@ -70,6 +73,8 @@ WORKFLOWS = Table(
         finished_at TEXT,
         actor TEXT NOT NULL,
         correlation_id TEXT NOT NULL,
+        redrives INTEGER NOT NULL,
+        last_redrive TEXT,
         last_seq INTEGER NOT NULL,
         PRIMARY KEY (tenant, id)
     ) WITHOUT ROWID;
@@ -120,6 +125,8 @@ class WorkflowsModel(ReadModel):
                 "finished_at": None,
                 "actor": ev.actor,
                 "correlation_id": ev.correlation_id,
+                "redrives": 0,
+                "last_redrive": None,
                 "last_seq": ev.seq,
             },
         )
@@ -142,6 +149,36 @@ class WorkflowsModel(ReadModel):
     def finished(self, uow: Batch, ev: EventRecord) -> None:
         d = ev.data
         self._update(uow, ev, status=d["status"], counts=d["counts"], finished_at=ev.occurred_at)
+
+    @handles(WorkflowRedriven, load=aggregate_row(WORKFLOWS))
+    def redriven(self, uow: Batch, ev: EventRecord) -> None:
+        """Running again; ``last_redrive`` keeps what ended and which tasks run again
+        (its ``seq`` tells the scheduler, at start, which of them are back already)."""
+        d = ev.data
+        old = uow.get(WORKFLOWS, (ev.tenant, ev.aggregate_id))
+        if old is None:
+            return
+        last_redrive = {
+            "redrive": d["redrive"],
+            "at": ev.occurred_at,
+            "seq": ev.seq,
+            "reason": d["reason"],
+            "previous_status": d["previous_status"],
+            "previous_counts": old["counts"],
+            "previous_finished_at": old["finished_at"],
+            "tasks": d["tasks"],
+        }
+        self._update(
+            uow,
+            ev,
+            status="running",
+            counts=None,
+            finished_at=None,
+            cancel_requested_at=None,
+            cancel_reason=None,
+            redrives=d["redrive"],
+            last_redrive=last_redrive,
+        )
 
 
 # -- queries ------------------------------------------------------------------------------------

@@ -226,6 +226,9 @@ class TaskFold:
                 self.error = _json(d.error)
             self._enter(TERMINAL[t], at, number)
         elif t == "TaskRedriven":
+            # Redriven (alone, or with its workflow): the last run's error is its
+            # attempt's, not the task's any more; a skipped node has no attempt to keep it.
+            self.error = None
             self._enter("pending", at, number)
         elif t == "TaskArchived":
             self._enter("archived", at, number)

@@ -9,21 +9,27 @@
 * ``--type`` is filtered by the client: appends carry no header naming the
   type and subjects do not contain it, so the server cannot filter on it. A
   cheap byte test (``"type":"X"``) skips other events before any decoding.
+
+It also holds the bounded reads of the operator tools (:func:`raw_batches`,
+:func:`read_records`): a stretch of the log, whole or of one filter subject
+(one tenant's events for ``replay``/``verify --tenant``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import nats.errors
 import orjson
 
 from pantheon_es.errors import InternalError, InvalidError, UnavailableError, UnknownEventTypeError
 from pantheon_es.events import REGISTRY, EventRecord, decode_record
-from pantheon_es.store import EventStore
+from pantheon_es.store import EventStore, RawEvent
 from pantheon_es.subjects import AGGREGATES, Subjects
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
@@ -61,35 +67,77 @@ def parse_iso(text: str) -> datetime:
     return when.astimezone(UTC)
 
 
+async def raw_batches(
+    store: EventStore,
+    from_seq: int,
+    to_seq: int,
+    *,
+    subject: str | None = None,
+    batch_size: int = 2000,
+    timeout: float = 30.0,
+) -> AsyncGenerator[tuple[list[RawEvent], int], None]:
+    """The stored messages ``from_seq..to_seq`` of the log, or of those of it on ``subject``
+    (a filter such as one tenant's ``<root>.ev.T.>``), batch by batch, each batch with the
+    stream sequence reached (for progress; ``to_seq`` with the last batch). Read-only: an
+    ordered consumer filtered on the server.
+
+    Sequences are the stream's, shared by every subject, so a filtered read cannot wait
+    for ``to_seq`` itself, which may be another subject's: it ends with the first message
+    at or past ``to_seq`` or the first with nothing matching after it (its ``pending`` is
+    0; anything stored later is past ``to_seq``, which was at most the head). Whether
+    anything matches at all is asked first (one direct get), so a subject without
+    messages in the stretch ends at once instead of waiting for the timeout. A log that
+    stops delivering before the end is ``unavailable``.
+    """
+    if from_seq > to_seq:
+        return
+    whole = subject is None or subject == store.subjects.all_events
+    if not whole:
+        assert subject is not None
+        first = await first_seq_from(store, subject, from_seq)
+        if first is None or first > to_seq:
+            yield [], to_seq
+            return
+    async with store.feed(from_seq=from_seq, subject=subject) as feed:
+        position = from_seq - 1
+        while position < to_seq:
+            batch = await feed.next_batch(batch_size, timeout=timeout)
+            if not batch:
+                raise UnavailableError(
+                    f"the log stopped delivering after sequence {position} (wanted {to_seq})"
+                )
+            kept = [raw for raw in batch if position < raw.seq <= to_seq]
+            if whole:
+                position = min(max(position, batch[-1].seq), to_seq)
+            elif any(raw.seq >= to_seq or raw.pending == 0 for raw in batch):
+                position = to_seq
+            else:
+                position = max(position, batch[-1].seq)
+            yield kept, position
+
+
 async def read_records(
     store: EventStore,
     from_seq: int,
     to_seq: int,
     *,
+    subject: str | None = None,
     skip_unknown: bool = False,
     timeout: float = 30.0,
 ) -> AsyncGenerator[tuple[list[EventRecord], int], None]:
-    """The decoded events ``from_seq..to_seq`` of the whole log, batch by batch, each with
-    the sequence reached (for progress). Read-only: an ordered consumer.
+    """The decoded events ``from_seq..to_seq`` of the whole log (or of ``subject``, see
+    :func:`raw_batches`), batch by batch, each with the sequence reached (for progress).
+    Read-only: an ordered consumer.
 
     An event type this build does not know raises :class:`UnknownEventTypeError` unless
     ``skip_unknown``; bytes that are no event are an ``internal`` error naming the
     sequence; a log that stops delivering before ``to_seq`` is ``unavailable``.
     """
-    if from_seq > to_seq:
-        return
-    async with store.feed(from_seq=from_seq) as feed:
-        position = from_seq - 1
-        while position < to_seq:
-            batch = await feed.next_batch(2000, timeout=timeout)
-            if not batch:
-                raise UnavailableError(
-                    f"the log stopped delivering after sequence {position} (wanted {to_seq})"
-                )
+    batches = raw_batches(store, from_seq, to_seq, subject=subject, timeout=timeout)
+    async with contextlib.aclosing(batches):
+        async for batch, position in batches:
             records: list[EventRecord] = []
             for raw in batch:
-                if raw.seq <= position or raw.seq > to_seq:
-                    continue
                 try:
                     records.append(decode_record(raw.data, raw.seq))
                 except UnknownEventTypeError:
@@ -97,7 +145,6 @@ async def read_records(
                         raise
                 except ValueError as exc:  # not JSON, or no envelope
                     raise InternalError(str(exc), details={"seq": raw.seq}) from None
-            position = min(max(position, batch[-1].seq), to_seq)
             yield records, position
 
 
@@ -140,13 +187,25 @@ class EventFilter:
 
 async def seq_at(store: EventStore, subject: str, when: datetime) -> int | None:
     """The sequence of the first event on ``subject`` stored at or after ``when``."""
-    request = orjson.dumps(
+    return await _direct_get_seq(
+        store,
         {"start_time": when.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-         "next_by_subj": subject}
+         "next_by_subj": subject},
     )  # fmt: skip
+
+
+async def first_seq_from(store: EventStore, subject: str, seq: int) -> int | None:
+    """The sequence of the first event on ``subject`` at or after stream sequence ``seq``."""
+    return await _direct_get_seq(store, {"seq": max(seq, 1), "next_by_subj": subject})
+
+
+async def _direct_get_seq(store: EventStore, request: dict[str, Any]) -> int | None:
+    """The stream sequence of the message one direct get finds (None: no such message)."""
     try:
         msg = await store.nc.request(
-            f"$JS.API.DIRECT.GET.{store.stream}", request, timeout=store.config.ack_timeout
+            f"$JS.API.DIRECT.GET.{store.stream}",
+            orjson.dumps(request),
+            timeout=store.config.ack_timeout,
         )
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
         raise UnavailableError(f"direct get on {store.stream} failed: {exc!r}") from None

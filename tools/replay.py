@@ -6,8 +6,10 @@ The replay reads the log through :class:`projections.projector.Projector`
 (``kv=False``: no KV bucket, no live database) and writes into a temporary
 file beside ``--out`` that is renamed over it only once complete, so a
 failed or interrupted replay leaves nothing behind. The live log, database
-and KV bucket are only read. Choices are recorded in docs/decisions.md and
-explained for users in docs/operations.md ("Replay and verify").
+and KV bucket are only read. With a tenant, only that tenant's events are read
+(the consumer's filter subject ``<root>.ev.<tenant>.>``) and the file holds that
+tenant's rows. Choices are recorded in docs/decisions.md and explained for
+users in docs/operations.md ("Replay and verify").
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from pantheon_es.errors import (
 )
 from pantheon_es.events import EventRecord
 from pantheon_es.store import EventStore
-from projections.projector import Projector
-from tools.events import seq_at
+from pantheon_es.subjects import check_token
+from projections.projector import BULK_WAL_PAGES, WAL_PAGES, Projector
+from tools.events import raw_batches, seq_at
 
 #: progress(position, target) as the projector calls it
 Progress = Callable[[int, int], None]
@@ -52,6 +55,8 @@ class ReplaySummary:
     seconds: float
     until_seq: int | None = None
     until: str | None = None
+    #: the one tenant replayed (None: every tenant)
+    tenant: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,7 +66,15 @@ class ReplaySummary:
             "seconds": round(self.seconds, 3),
             "until_seq": self.until_seq,
             "until": self.until,
+            "tenant": self.tenant,
         }
+
+
+def checkpoint_name(tenant: str | None) -> str:
+    """The checkpoint row of a replayed file: ``main`` as a node's, ``tenant:T`` for one
+    tenant, so that a node given such a file never goes on from it (no ``main`` row: it
+    rebuilds the file from the log) and the file says what it holds."""
+    return "main" if tenant is None else f"tenant:{tenant}"
 
 
 async def head_seq(store: EventStore) -> int:
@@ -89,6 +102,15 @@ async def seq_at_time(store: EventStore, when: datetime) -> int:
     return head if after is None else min(head, after - 1)
 
 
+def check_tenant(tenant: str | None) -> None:
+    """``invalid`` unless ``tenant`` is None (every tenant) or one subject-safe tenant."""
+    if tenant is not None:
+        try:
+            check_token("tenant", tenant)
+        except ValueError as exc:
+            raise InvalidError(str(exc), details={"tenant": tenant}) from None
+
+
 def remove_database(path: Path) -> None:
     """Delete an SQLite file and its WAL companions, if present."""
     for suffix in ("", "-wal", "-shm", "-journal"):
@@ -101,27 +123,72 @@ async def build_read_models(
     path: Path,
     until_seq: int,
     *,
+    tenant: str | None = None,
     skip_unknown: bool = False,
     progress: Progress | None = None,
     sinks: Sequence[Sink] = (),
 ) -> int:
     """Fold the log from sequence 1 to ``until_seq`` into a fresh database at ``path``.
 
-    ``sinks`` see every decoded batch, in order (the verifier's invariant fold).
-    Returns the last sequence applied.
+    With ``tenant``, only that tenant's events (``<root>.ev.<tenant>.>``, filtered by the
+    server): the result is that tenant's rows of the whole rebuild, as no read-model
+    handler writes a row of another tenant than its event's, and its checkpoint row
+    (named by :func:`checkpoint_name`) says ``until_seq``. ``sinks`` see every decoded
+    batch, in order (the verifier's invariant fold). Returns the last sequence applied
+    (``until_seq`` for a tenant).
     """
     remove_database(path)
-    projector = Projector(store, path, kv=False, skip_unknown=skip_unknown)
+    name = checkpoint_name(tenant)
+    projector = Projector(store, path, kv=False, skip_unknown=skip_unknown, name=name)
     projector.sinks.extend(sinks)
     await projector.open()
     try:
-        return await projector.catch_up(until_seq, progress=progress)
+        if tenant is None:
+            return await projector.catch_up(until_seq, progress=progress)
+        return await _catch_up_tenant(projector, tenant, until_seq, progress)
     except TimeoutError as exc:
         raise UnavailableError(f"the log stopped delivering: {exc}") from exc
     except ValueError as exc:  # an event that is not JSON or lacks envelope fields
         raise InternalError(str(exc)) from exc
     finally:
         await projector.shutdown()
+
+
+async def _catch_up_tenant(
+    projector: Projector, tenant: str, until_seq: int, progress: Progress | None
+) -> int:
+    """:meth:`Projector.catch_up` for one tenant's subjects.
+
+    The stream's sequences are shared by every tenant, so the read ends by
+    :func:`tools.events.raw_batches`'s rule rather than on reaching ``until_seq``;
+    progress is reported in stream sequences (a bar over the whole log that jumps over
+    the other tenants' events).
+    """
+    db = projector.db
+    assert db is not None, "Projector.open() first"
+    subject = projector.store.subjects.events(tenant)
+    db.execute(f"PRAGMA wal_autocheckpoint={BULK_WAL_PAGES}")  # a bulk load, as catch_up
+    try:
+        batches = raw_batches(
+            projector.store, projector.position + 1, until_seq, subject=subject,
+            batch_size=projector.batch_size, timeout=10,
+        )  # fmt: skip
+        async with contextlib.aclosing(batches):
+            async for batch, position in batches:
+                if batch:
+                    await projector.apply(batch)
+                if progress is not None:
+                    progress(position, until_seq)
+        # The state after until_seq, whether or not its last event was this tenant's.
+        db.execute(
+            "INSERT INTO projector_checkpoint (name, last_seq, kv_seq) VALUES (?, ?, 0)"
+            " ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
+            (projector.name, until_seq),
+        )
+        projector.position = until_seq
+    finally:
+        db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+    return until_seq
 
 
 def _install(partial: Path, out: Path) -> None:
@@ -145,9 +212,13 @@ async def replay(
     until: datetime | None = None,
     skip_unknown: bool = False,
     force: bool = False,
+    tenant: str | None = None,
     progress: Progress | None = None,
 ) -> ReplaySummary:
     """Rebuild every read model into ``out`` from the log, up to a sequence or a time.
+
+    With ``tenant``, from that tenant's events only: its rows of every read model (workers
+    are in the tenant they registered in), checkpoint row ``tenant:<tenant>``.
 
     Raises:
         InvalidError: both ``until_seq`` and ``until``, or ``until_seq`` past the log's end.
@@ -159,6 +230,7 @@ async def replay(
     out = Path(out)
     if until_seq is not None and until is not None:
         raise InvalidError("give --until-seq or --until, not both")
+    check_tenant(tenant)
     if out.exists() and not force:
         raise ConflictError(
             f"{out} exists; pass --force to overwrite it", details={"out": str(out)}
@@ -184,8 +256,9 @@ async def replay(
 
     try:
         last = await build_read_models(
-            store, partial, target, skip_unknown=skip_unknown, progress=progress, sinks=[count]
-        )
+            store, partial, target, tenant=tenant, skip_unknown=skip_unknown,
+            progress=progress, sinks=[count],
+        )  # fmt: skip
         _install(partial, out)
     except BaseException as exc:
         remove_database(partial)
@@ -199,4 +272,5 @@ async def replay(
         seconds=time.perf_counter() - started,
         until_seq=until_seq,
         until=until.isoformat().replace("+00:00", "Z") if until is not None else None,
+        tenant=tenant,
     )

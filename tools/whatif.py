@@ -10,7 +10,9 @@ Three steps, each usable alone:
    :class:`pantheon_es.placement.Placement`, the very policy the live scheduler runs, with the
    policy of a :class:`PolicyFile`.
 3. :func:`compare` puts the recorded and the simulated runs side by side: wait percentiles per
-   priority band and per tenant, utilisation per resource and makespan.
+   priority band and per tenant, utilisation per resource and makespan; with a tenant, that
+   tenant's figures only (the simulation still runs every tenant's work: they compete for
+   the same workers and limits).
 
 What is modelled and what is not: docs/whatif.md.
 """
@@ -385,6 +387,8 @@ class Outcome:
     first_start: dict[Key, float]
     runs: list[Run]
     end: float  # the last attempt's end (or the last task's withdrawal)
+    #: when each task was done: its last attempt's end, withdrawal or skip
+    finished: dict[Key, float] = field(default_factory=dict)
 
 
 # Same-time order: ends free capacity before workers change, before work arrives.
@@ -426,6 +430,7 @@ class Simulator:
         self.first_start: dict[Key, float] = {}
         self.runs: list[Run] = []
         self.end = 0.0
+        self.finished: dict[Key, float] = {}
 
     def _push(self, at: float, kind: int, key: Key, payload: Any = None) -> None:
         heapq.heappush(self._heap, (at, kind, next(self._n), key, payload))
@@ -450,7 +455,7 @@ class Simulator:
                 _t, kind, _n, key, payload = heapq.heappop(self._heap)
                 self._handle(now, kind, key, payload)
             self._place(now)
-        return Outcome(self.ready, self.first_start, self.runs, self.end)
+        return Outcome(self.ready, self.first_start, self.runs, self.end, self.finished)
 
     def _handle(self, now: float, kind: int, key: Key, payload: Any) -> None:
         if kind == _ARRIVE:
@@ -513,6 +518,7 @@ class Simulator:
             return
         self._done.add(key)
         self.end = max(self.end, now)
+        self.finished[key] = now
         for dependent in self._dependents.get(key, ()):
             waiting = self._waiting.get(dependent)
             if waiting is None:
@@ -552,6 +558,7 @@ def recorded(workload: Workload) -> Outcome:
     ready: dict[Key, float] = {}
     first: dict[Key, float] = {}
     runs: list[Run] = []
+    finished: dict[Key, float] = {}
     end = 0.0
     for key, task in tasks.items():
         deps = [tasks[(key[0], d)] for d in task.depends_on if (key[0], d) in tasks]
@@ -567,7 +574,8 @@ def recorded(workload: Workload) -> Outcome:
                     end = max(end, a.start + a.duration)
         if task.ended is not None:
             end = max(end, task.ended)
-    return Outcome(ready, first, runs, end)
+            finished[key] = task.ended
+    return Outcome(ready, first, runs, end, finished)
 
 
 def simulate(workload: Workload, policy: Policy) -> Outcome:
@@ -605,11 +613,17 @@ def band_name(priority: int) -> str:
     return f"{base}-{base + 99}"
 
 
+def serves(tenants: Iterable[str], tenant: str) -> bool:
+    """Whether a worker registered with ``tenants`` (its own first) takes ``tenant``'s work."""
+    return any(t in (tenant, "*") for t in tenants)
+
+
 def _capacity_seconds(
-    workload: Workload, start: float, end: float
+    workload: Workload, start: float, end: float, tenant: str | None = None
 ) -> tuple[dict[str, float], dict[Key, Amount], dict[Key, int]]:
     """Capacity-seconds each resource was available in [start, end], and every worker's
-    capacity (a worker still registered at the cut-off stays to the end)."""
+    capacity (a worker still registered at the cut-off stays to the end); with ``tenant``,
+    of the workers serving that tenant only."""
     avail: dict[str, float] = {}
     caps: dict[Key, Amount] = {}
     slots: dict[Key, int] = {}
@@ -627,6 +641,8 @@ def _capacity_seconds(
     for change in workload.workers:
         if change.kind == "join":
             close(change.key, change.at)
+            if tenant is not None and not serves(change.tenants, tenant):
+                continue
             caps[change.key] = _amount(change.capacity or {})
             slots[change.key] = change.slots
             joined[change.key] = change.at
@@ -643,12 +659,21 @@ def _vector(a: Amount, n: int) -> dict[str, float]:
     return out
 
 
-def measure(workload: Workload, outcome: Outcome) -> dict[str, Any]:
-    """Wait percentiles per band and tenant, utilisation per resource and makespan."""
+def measure(workload: Workload, outcome: Outcome, tenant: str | None = None) -> dict[str, Any]:
+    """Wait percentiles per band and tenant, utilisation per resource and makespan.
+
+    With ``tenant``, of that tenant's tasks only: their waits; their makespan (first
+    submit to their last attempt's end or withdrawal); utilisation as the share of the
+    capacity of the workers serving the tenant that its attempts held over that span.
+    """
+
+    def mine(key: Key) -> bool:
+        return tenant is None or key[0] == tenant
+
     waits: dict[Key, float] = {
         k: max(outcome.first_start[k] - outcome.ready[k], 0.0)
         for k in outcome.first_start
-        if k in outcome.ready
+        if k in outcome.ready and mine(k)
     }
     by_band: dict[str, list[float]] = {}
     by_tenant: dict[str, list[float]] = {}
@@ -656,11 +681,17 @@ def measure(workload: Workload, outcome: Outcome) -> dict[str, Any]:
         task = workload.tasks[key]
         by_band.setdefault(band_name(task.priority), []).append(wait)
         by_tenant.setdefault(key[0], []).append(wait)
-    start = min((t.submitted for t in workload.tasks.values()), default=0.0)
-    end = max(outcome.end, start)
-    avail, _caps, _slots = _capacity_seconds(workload, start, end)
+    runs = [run for run in outcome.runs if mine(run.key)]
+    start = min((t.submitted for k, t in workload.tasks.items() if mine(k)), default=0.0)
+    if tenant is None:
+        end = max(outcome.end, start)
+    else:
+        ends = [run.end for run in runs]
+        ends += [at for k, at in outcome.finished.items() if mine(k)]
+        end = max([start, *ends])
+    avail, _caps, _slots = _capacity_seconds(workload, start, end, tenant)
     busy: dict[str, float] = {}
-    for run in outcome.runs:
+    for run in runs:
         span = max(min(run.end, end) - max(run.start, start), 0.0)
         need = _amount(workload.tasks[run.key].resources)
         for res, value in _vector(need, 1).items():
@@ -680,23 +711,35 @@ def measure(workload: Workload, outcome: Outcome) -> dict[str, Any]:
             },
             "by_tenant": {t: summary(v) for t, v in sorted(by_tenant.items())},
         },
-        "started": len(outcome.first_start),
+        "started": sum(1 for k in outcome.first_start if mine(k)),
         "not_started": sum(
             1
             for k, t in workload.tasks.items()
-            if k not in outcome.first_start and t.outcome != "skipped" and t.withdrawn is None
+            if mine(k)
+            and k not in outcome.first_start
+            and t.outcome != "skipped"
+            and t.withdrawn is None
         ),
         "utilisation": utilisation,
         "makespan": round(end - start, 6),
     }
 
 
-def compare(workload: Workload, policy_file: PolicyFile) -> dict[str, Any]:
-    """The report: the recorded run and the simulated one, side by side."""
+def compare(
+    workload: Workload, policy_file: PolicyFile, tenant: str | None = None
+) -> dict[str, Any]:
+    """The report: the recorded run and the simulated one, side by side.
+
+    The simulation always runs every tenant's work (they compete for the same workers and
+    limits); ``tenant`` narrows what is reported to that tenant's tasks and the workers
+    serving it.
+    """
     simulated = simulate(workload, policy_file.to_policy())
-    tasks = workload.tasks.values()
+    tasks = [t for k, t in workload.tasks.items() if tenant is None or k[0] == tenant]
+    joins = [c for c in workload.workers if c.kind == "join"]
     return {
         "policy": {"label": policy_file.label(), **policy_file.model_dump(exclude={"name"})},
+        "tenant": tenant,
         "log": {
             "from": workload.origin.isoformat() if workload.origin else None,
             "last_seq": workload.last_seq,
@@ -704,15 +747,15 @@ def compare(workload: Workload, policy_file: PolicyFile) -> dict[str, Any]:
             "span_s": round(workload.cutoff, 6),
         },
         "tasks": {
-            "total": len(workload.tasks),
+            "total": len(tasks),
             "estimated_duration": sum(1 for t in tasks if t.estimated),
             "still_running_at_cutoff": sum(1 for t in tasks if any(a.censored for a in t.attempts)),
             "never_ran": sum(1 for t in tasks if t.first_grant is None),
             "retried": sum(1 for t in tasks if len(t.attempts) > 1),
-            "workers": len({c.key for c in workload.workers}),
+            "workers": len({c.key for c in joins if tenant is None or serves(c.tenants, tenant)}),
         },
-        "recorded": measure(workload, recorded(workload)),
-        "simulated": measure(workload, simulated),
+        "recorded": measure(workload, recorded(workload), tenant),
+        "simulated": measure(workload, simulated, tenant),
     }
 
 
