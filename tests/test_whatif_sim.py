@@ -4,6 +4,7 @@ the placement policy in simulated time (no server)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pantheon_es.events import EventRecord
-from pantheon_es.placement import Policy
+from pantheon_es.placement import Policy, Quota
 from tools.whatif import (
     Attempt,
     PolicyFile,
@@ -191,6 +192,91 @@ def test_no_worker_means_nothing_starts_and_the_report_still_stands() -> None:
     assert report["simulated"]["wait"]["all"]["p50"] is None
     empty = compare(workload([], []), PolicyFile(mode="fifo"))
     assert empty["simulated"]["makespan"] == 0 and empty["tasks"]["total"] == 0
+
+
+def test_a_schedule_to_start_timeout_fires_anew_and_skips_its_dependents() -> None:
+    hog = task("hog", 0, 10.0)
+    waiter = task("waiter", 1, 1.0, schedule_to_start=2.0, workflow_id="wf")
+    after = task("after", 1, 1.0, depends_on=("waiter",), workflow_id="wf")
+    w = workload([hog, waiter, after], [join(0, "w", slots=1)])
+    out = simulate(w, Policy())
+    # one slot, held by the hog until 10: the waiter times out at 1 + 2, its dependent skips
+    assert out.timed_out == {("a", "waiter")} and out.finished[("a", "waiter")] == 3.0
+    assert {("a", "waiter"), ("a", "after")} <= out.gone
+    assert set(out.first_start) == {("a", "hog")}
+    report = measure(w, out)
+    assert report["timed_out_before_start"] == 1 and report["not_started"] == 0
+    # with a second slot it starts at once and its dependent runs after it
+    roomy = simulate(workload([hog, waiter, after], [join(0, "w", slots=2)]), Policy())
+    assert not roomy.timed_out and roomy.first_start[("a", "after")] == 2.0
+
+
+def test_a_task_that_timed_out_waiting_in_the_recording_may_start_under_another_policy() -> None:
+    w = fold([
+        registered(0, "w", cpu=1, slots=1),
+        submitted(0, "hog1", priority=100),
+        granted(0, "hog1"),
+        submitted(1, "urgent1", priority=400, schedule_to_start_timeout=3.0, workflow_id="f"),
+        submitted(1, "next1", priority=400, depends_on=["urgent1"], workflow_id="f"),
+        rec(4, "TaskTimedOut", "urgent1", {"kind": "schedule_to_start", "timeout": 3.0}),
+        rec(4, "TaskSkipped", "next1", {}),
+        rec(6, "TaskCompleted", "hog1", {}),
+        submitted(7, "hog2", priority=100),
+        granted(7, "hog2"),
+        rec(13, "TaskCompleted", "hog2", {}),
+    ])  # fmt: skip
+    urgent = w.tasks[("a", "urgent1")]
+    assert urgent.start_timed_out and urgent.withdrawn is None and urgent.estimated
+    assert w.estimate("next") == w.median == 6.0  # no "next" ever ran: every attempt's median
+    rec_out = recorded(w)
+    assert rec_out.timed_out == {("a", "urgent1")} and ("a", "next1") in rec_out.gone
+    assert measure(w, rec_out)["timed_out_before_start"] == 1
+    assert measure(w, rec_out)["refused"] is None  # the log holds only accepted submits
+    # the recorded policy is replayed: the hog holds the only slot, the timeout fires again
+    again = simulate(w, Policy())
+    assert again.timed_out == {("a", "urgent1")} and ("a", "next1") not in again.first_start
+    # one more slot: the urgent task starts in time, and its dependent, skipped in the
+    # recording because of that timeout, runs for an estimated time
+    roomier = replace(w, workers=[replace(w.workers[0], slots=2, capacity={"cpu": 2})])
+    out = simulate(roomier, Policy())
+    assert not out.timed_out and out.first_start[("a", "urgent1")] == 1.0
+    assert out.first_start[("a", "next1")] == 7.0  # after urgent1's estimated 6 s
+
+
+def test_the_pending_bound_refuses_submits_and_a_workflow_whole() -> None:
+    singles = [task(f"s{i}", 0, 5.0) for i in range(4)]
+    flow = [task(f"f{i}", 1, 1.0, workflow_id="wf") for i in range(3)]
+    w = workload([*singles, *flow], [join(0, "w", slots=1)])
+    out = simulate(w, PolicyFile(max_pending_per_tenant=3).to_policy())
+    # four arrive together: three are pending (bound 3), the fourth is refused; at t=1 one
+    # runs and two wait, so a workflow of three would make five: refused whole
+    assert out.refused == {("a", "s3"): "overloaded", **{f.key: "overloaded" for f in flow}}
+    report = measure(w, out)
+    assert report["refused"] == {"overloaded": 4, "unschedulable": 0}
+    assert report["started"] == 3 and report["not_started"] == 0
+    assert not simulate(w, PolicyFile(max_pending_per_tenant=None).to_policy()).refused
+    per_tenant = PolicyFile(max_pending_per_tenant=None, tenant_max_pending={"a": 5})
+    assert set(simulate(w, per_tenant.to_policy()).refused) == {f.key for f in flow}
+
+
+def test_an_impossible_request_is_refused_or_blocks_as_the_policy_says() -> None:
+    big = task("big", 1, 1.0, cpu=8.0)
+    w = workload([big], [join(0, "w", cpu=4.0)])
+    assert simulate(w, PolicyFile().to_policy()).refused == {big.key: "unschedulable"}
+    blocked = simulate(w, PolicyFile(unschedulable="block").to_policy())
+    assert not blocked.refused and big.key not in blocked.first_start
+    assert measure(w, blocked)["not_started"] == 1
+    # no worker registered yet: accepted (one may join), as the live scheduler does
+    late = workload([big], [join(5, "w", cpu=8.0)])
+    assert simulate(late, PolicyFile().to_policy()).first_start[big.key] == 5.0
+
+
+def test_policy_quotas_merge_running_and_pending_limits() -> None:
+    policy = PolicyFile(
+        max_running_per_tenant=5, tenant_max_running={"a": 2}, tenant_max_pending={"b": 7}
+    ).to_policy()
+    assert policy.quota("a") == Quota(2, 100_000) and policy.quota("b") == Quota(5, 7)
+    assert policy.quota("c") == Quota(5, 100_000)
 
 
 def test_nearest_rank_percentiles() -> None:

@@ -83,6 +83,20 @@ class PolicyFile(BaseModel):
     tenant_max_running: dict[str, Limit] = Field(
         default_factory=dict, description="Running limit per tenant."
     )
+    max_pending_per_tenant: int | None = Field(
+        100_000,
+        ge=1,
+        description="Pending bound of every tenant without its own: a submit past it is "
+        "refused (overloaded); null: no bound.",
+    )
+    tenant_max_pending: dict[str, Limit] = Field(
+        default_factory=dict, description="Pending bound per tenant."
+    )
+    unschedulable: Literal["reject", "block"] = Field(
+        "reject",
+        description="reject: refuse a submit no registered worker could ever hold; "
+        "block: accept it and let it wait for a big enough worker.",
+    )
     backfill_window: int = Field(256, ge=1)
     max_reservations: int = Field(1, ge=0)
 
@@ -95,8 +109,15 @@ class PolicyFile(BaseModel):
             fairness_weights=dict(self.fairness_weights),
             max_running_agents=self.max_running_agents,
             concurrency_limits=dict(self.concurrency_limits),
-            default_quota=Quota(max_running=self.max_running_per_tenant),
-            tenant_quotas={t: Quota(max_running=n) for t, n in self.tenant_max_running.items()},
+            default_quota=Quota(self.max_running_per_tenant, self.max_pending_per_tenant),
+            tenant_quotas={
+                t: Quota(
+                    self.tenant_max_running.get(t, self.max_running_per_tenant),
+                    self.tenant_max_pending.get(t, self.max_pending_per_tenant),
+                )
+                for t in {*self.tenant_max_running, *self.tenant_max_pending}
+            },
+            unschedulable=self.unschedulable,
             backfill_window=self.backfill_window,
             max_reservations=self.max_reservations,
         )
@@ -179,6 +200,11 @@ class TaskRecord:
     depends_on: tuple[str, ...] = ()
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str = "pending"  # pending, running, or a terminal status
+    #: its schedule-to-start timeout, seconds (the simulation fires it anew)
+    schedule_to_start: float | None = None
+    workflow_id: str | None = None  # a workflow's task is admitted with its workflow
+    #: it timed out waiting to start (TaskTimedOut kind schedule_to_start)
+    start_timed_out: bool = False
     ended: float | None = None  # recorded terminal time
     #: When it left without ever running (cancelled, timed out or skipped while pending).
     withdrawn: float | None = None
@@ -214,6 +240,13 @@ class Workload:
     events: int
     tasks: dict[Key, TaskRecord]
     workers: list[WorkerChange]
+    #: median observed attempt length per task name, and of every attempt (for a task the
+    #: simulation runs that has no recorded attempt)
+    medians: dict[str, float] = field(default_factory=dict)
+    median: float = 0.0
+
+    def estimate(self, name: str) -> float:
+        return self.medians.get(name, self.median)
 
 
 def _ts(value: str) -> float:
@@ -262,6 +295,8 @@ class WorkloadBuilder:
                 concurrency_key=d.get("concurrency_key"),
                 concurrency_limit=d.get("concurrency_limit"),
                 depends_on=tuple(d.get("depends_on") or ()),
+                schedule_to_start=d.get("schedule_to_start_timeout"),
+                workflow_id=d.get("workflow_id"),
             )
             return
         task = self.tasks.get(key)
@@ -284,11 +319,15 @@ class WorkloadBuilder:
         if r.type in _TERMINAL:
             task.outcome = _TERMINAL[r.type]
             task.ended = t
-            if not task.attempts:
+            if r.type == "TaskTimedOut" and d.get("kind") == "schedule_to_start":
+                # The simulation fires this timeout anew, from when it is ready there.
+                task.start_timed_out = True
+            elif not task.attempts:
                 task.withdrawn = t
         elif r.type == "TaskRedriven":
             task.outcome = "pending"
             task.ended = task.withdrawn = None
+            task.start_timed_out = False
             if task.attempts:
                 end = task.ended_attempt_at or t
                 task.attempts[-1].gap = max(t - end, 0.0)
@@ -328,12 +367,15 @@ class WorkloadBuilder:
                     observed.setdefault(task.name, []).append(a.duration)
                     every.append(a.duration)
         fallback = statistics.median(every) if every else 0.0
+        medians = {name: statistics.median(values) for name, values in observed.items()}
         for task in self.tasks.values():
             if not task.attempts and task.outcome != "skipped":
-                guess = observed.get(task.name)
-                task.attempts.append(Attempt(None, statistics.median(guess) if guess else fallback))
+                task.attempts.append(Attempt(None, medians.get(task.name, fallback)))
                 task.estimated = True
-        return Workload(self.origin, cutoff, self.last_seq, self.events, self.tasks, self.workers)
+        return Workload(
+            self.origin, cutoff, self.last_seq, self.events, self.tasks, self.workers,
+            medians, fallback,
+        )  # fmt: skip
 
 
 async def read_workload(
@@ -389,10 +431,20 @@ class Outcome:
     end: float  # the last attempt's end (or the last task's withdrawal)
     #: when each task was done: its last attempt's end, withdrawal or skip
     finished: dict[Key, float] = field(default_factory=dict)
+    #: tasks that left without running: withdrawn, skipped, timed out before a start, refused
+    gone: set[Key] = field(default_factory=set)
+    #: timed out waiting to start (schedule_to_start)
+    timed_out: set[Key] = field(default_factory=set)
+    #: refused at submit: key -> "overloaded" or "unschedulable" (None: not known, as for
+    #: the recording, whose log holds only the submits that were accepted)
+    refused: dict[Key, str] | None = None
 
 
-# Same-time order: ends free capacity before workers change, before work arrives.
-_FINISH, _LEAVE, _DRAIN, _JOIN, _READY, _ARRIVE, _WITHDRAW = range(7)
+# Same-time order: ends free capacity before workers change, before work arrives; a
+# schedule-to-start timeout due at the same time as a placement pass fires first.
+_FINISH, _LEAVE, _DRAIN, _JOIN, _READY, _ARRIVE, _WITHDRAW, _TIMEOUT = range(8)
+#: Recorded outcomes after which a dependent does not run (it is skipped).
+_FAILED = frozenset({"failed", "cancelled", "timed_out", "skipped"})
 
 
 def _amount(resources: Mapping[str, Any]) -> Amount:
@@ -408,9 +460,12 @@ class Simulator:
     """Drives :class:`Placement` through the recorded arrivals in simulated time.
 
     Attempts take their recorded durations and are followed by their recorded gaps (retry
-    delays); a dependent becomes ready when its last dependency ends; a task withdrawn in the
-    recording (cancelled while pending) is withdrawn at the same time if it has not started.
-    A worker that leaves while running an attempt loses it: the attempt runs again in full.
+    delays); a dependent becomes ready when its last dependency ends, and is skipped if one
+    did not complete; a task withdrawn in the recording (cancelled while pending) is
+    withdrawn at the same time if it has not started. A worker that leaves while running an
+    attempt loses it: the attempt runs again in full. Submits pass the policy's admission
+    (pending bound, unschedulable requests) at their arrival, a workflow's tasks together;
+    a schedule-to-start timeout fires when a ready task has not started in time.
     """
 
     def __init__(self, workload: Workload, policy: Policy) -> None:
@@ -426,11 +481,23 @@ class Simulator:
         self._done: set[Key] = set()
         self._arrived: set[Key] = set()
         self._incarnation: dict[Key, str] = {}
+        #: when each task last became ready to place (its schedule-to-start timer's token)
+        self._ready_since: dict[Key, float] = {}
+        #: ended without completing in the simulation: its dependents are skipped
+        self._failed: set[Key] = set()
+        #: admitted tasks not running and not done, per tenant (the pending bound counts them)
+        self._pending: dict[str, set[Key]] = {}
+        #: (tenant, workflow id) -> its tasks in the workload; and the admission verdict
+        self._members: dict[Key, list[Key]] = {}
+        self._verdicts: dict[Key, str] = {}
         self.ready: dict[Key, float] = {}
         self.first_start: dict[Key, float] = {}
         self.runs: list[Run] = []
         self.end = 0.0
         self.finished: dict[Key, float] = {}
+        self.gone: set[Key] = set()
+        self.timed_out: set[Key] = set()
+        self.refused: dict[Key, str] = {}
 
     def _push(self, at: float, kind: int, key: Key, payload: Any = None) -> None:
         heapq.heappush(self._heap, (at, kind, next(self._n), key, payload))
@@ -446,6 +513,8 @@ class Simulator:
                 self._waiting[key] = deps
                 for d in deps:
                     self._dependents.setdefault((key[0], d), []).append(key)
+            if task.workflow_id is not None:
+                self._members.setdefault((key[0], task.workflow_id), []).append(key)
         for change in self.w.workers:
             kind = {"join": _JOIN, "drain": _DRAIN, "leave": _LEAVE}[change.kind]
             self._push(change.at, kind, change.key, change)
@@ -455,15 +524,25 @@ class Simulator:
                 _t, kind, _n, key, payload = heapq.heappop(self._heap)
                 self._handle(now, kind, key, payload)
             self._place(now)
-        return Outcome(self.ready, self.first_start, self.runs, self.end, self.finished)
+        return Outcome(
+            self.ready, self.first_start, self.runs, self.end, self.finished, self.gone,
+            self.timed_out, self.refused,
+        )  # fmt: skip
 
     def _handle(self, now: float, kind: int, key: Key, payload: Any) -> None:
         if kind == _ARRIVE:
+            refusal = self._admit(key)
+            if refusal:
+                self.refused[key] = refusal
+                self.gone.add(key)
+                self._done.add(key)  # its workflow's other tasks are refused with it
+                return
             self._arrived.add(key)
+            self._set_pending(key, True)
             if key not in self._waiting:
                 self._make_ready(key, now)
         elif kind == _READY:
-            self.p.add(self._job(key, now))
+            self._enqueue(key, now)
         elif kind == _FINISH:
             attempt, worker, start = payload
             if self._running.get(key) == (attempt, worker, start):
@@ -471,15 +550,33 @@ class Simulator:
                 self.p.release(key)
                 self.runs.append(Run(key, attempt, worker, start, now))
                 self.end = max(self.end, now)
-                attempts = self.w.tasks[key].attempts
-                if attempt + 1 < len(attempts):
+                task = self.w.tasks[key]
+                if attempt + 1 < len(task.attempts):
                     self._next_attempt[key] = attempt + 1
-                    self._push(now + attempts[attempt].gap, _READY, key)
+                    self._set_pending(key, True)
+                    self._push(now + task.attempts[attempt].gap, _READY, key)
                 else:
+                    if task.outcome in _FAILED and not task.start_timed_out:
+                        self._failed.add(key)
                     self._finish(key, now)
         elif kind == _WITHDRAW:
             if key not in self.first_start and key not in self._done:
                 self.p.remove(key)
+                self.gone.add(key)
+                self._failed.add(key)
+                self._finish(key, now)
+        elif kind == _TIMEOUT:
+            if (
+                key not in self._done
+                and key not in self._running
+                and self._ready_since.get(key) == payload
+                and key in self.p.jobs
+            ):
+                self.p.remove(key)
+                self.timed_out.add(key)
+                if key not in self.first_start:
+                    self.gone.add(key)
+                self._failed.add(key)
                 self._finish(key, now)
         elif kind == _JOIN:
             change: WorkerChange = payload
@@ -495,12 +592,51 @@ class Simulator:
             self._incarnation.pop(key, None)
             self._leave(key, now)
 
+    def _admit(self, key: Key) -> str:
+        """ "" if the submit is accepted, else why not (``overloaded``, ``unschedulable``):
+        the checks of the live scheduler's admission, a workflow's tasks all at once at
+        the arrival of its first."""
+        task = self.w.tasks[key]
+        if task.workflow_id is None:
+            return self._check(key[0], [task])
+        group = (key[0], task.workflow_id)
+        verdict = self._verdicts.get(group)
+        if verdict is None:
+            members = [self.w.tasks[k] for k in self._members[group]]
+            verdict = self._verdicts[group] = self._check(key[0], members)
+        return verdict
+
+    def _check(self, tenant: str, tasks: list[TaskRecord]) -> str:
+        if self.policy.unschedulable == "reject":
+            for task in tasks:
+                if self.p.impossible(tenant, _amount(task.resources)) is not None:
+                    return "unschedulable"
+        bound = self.policy.quota(tenant).max_pending
+        if bound is not None and len(self._pending.get(tenant, ())) + len(tasks) > bound:
+            return "overloaded"
+        return ""
+
+    def _set_pending(self, key: Key, pending: bool) -> None:
+        if pending:
+            self._pending.setdefault(key[0], set()).add(key)
+        else:
+            self._pending.get(key[0], set()).discard(key)
+
+    def _enqueue(self, key: Key, now: float) -> None:
+        """Ready to place from ``now``: into the policy, with its schedule-to-start timer."""
+        self.p.add(self._job(key, now))
+        self._ready_since[key] = now
+        timeout = self.w.tasks[key].schedule_to_start
+        if timeout:
+            self._push(now + timeout, _TIMEOUT, key, now)
+
     def _leave(self, worker: Key, now: float) -> None:
         for key in self.p.remove_worker(worker):
             self.p.release(key)
             attempt, _w, start = self._running.pop(key)
             self.runs.append(Run(key, attempt, worker, start, now))
-            self.p.add(self._job(key, now))  # the same attempt, again in full
+            self._set_pending(key, True)
+            self._enqueue(key, now)  # the same attempt, again in full
 
     def _make_ready(self, key: Key, now: float) -> None:
         if key in self._done:
@@ -508,15 +644,29 @@ class Simulator:
         self.ready.setdefault(key, now)
         self._next_attempt[key] = 0
         task = self.w.tasks[key]
-        if task.outcome == "skipped" and not task.attempts:
+        deps = [(key[0], d) for d in task.depends_on if (key[0], d) in self.w.tasks]
+        recorded_skip = task.outcome == "skipped" and not task.attempts
+        if any(d in self._failed for d in deps) or (recorded_skip and not self._revived(deps)):
+            self.gone.add(key)
+            self._failed.add(key)
             self._finish(key, now)
             return
-        self.p.add(self._job(key, now))
+        self._enqueue(key, now)
+
+    def _revived(self, deps: list[Key]) -> bool:
+        """A task skipped in the recording runs here if what skipped it is gone: a
+        dependency that timed out waiting to start there started here."""
+        return any(
+            self.w.tasks[d].start_timed_out and self.w.tasks[d].first_grant is None
+            and d in self.first_start
+            for d in deps
+        )  # fmt: skip
 
     def _finish(self, key: Key, now: float) -> None:
         if key in self._done:
             return
         self._done.add(key)
+        self._set_pending(key, False)
         self.end = max(self.end, now)
         self.finished[key] = now
         for dependent in self._dependents.get(key, ()):
@@ -547,8 +697,13 @@ class Simulator:
             key = grant.key
             attempt = self._next_attempt.get(key, 0)
             self._running[key] = (attempt, grant.worker, now)
+            self._set_pending(key, False)
             self.first_start.setdefault(key, now)
-            duration = self.w.tasks[key].attempts[attempt].duration
+            task = self.w.tasks[key]
+            if attempt < len(task.attempts):
+                duration = task.attempts[attempt].duration
+            else:  # skipped in the recording, so never run there (see _revived)
+                duration = self.w.estimate(task.name)
             self._push(now + duration, _FINISH, key, (attempt, grant.worker, now))
 
 
@@ -559,6 +714,8 @@ def recorded(workload: Workload) -> Outcome:
     first: dict[Key, float] = {}
     runs: list[Run] = []
     finished: dict[Key, float] = {}
+    gone: set[Key] = set()
+    timed_out: set[Key] = set()
     end = 0.0
     for key, task in tasks.items():
         deps = [tasks[(key[0], d)] for d in task.depends_on if (key[0], d) in tasks]
@@ -575,7 +732,16 @@ def recorded(workload: Workload) -> Outcome:
         if task.ended is not None:
             end = max(end, task.ended)
             finished[key] = task.ended
-    return Outcome(ready, first, runs, end, finished)
+        if task.start_timed_out:
+            timed_out.add(key)
+        never = task.first_grant is None
+        if (
+            task.withdrawn is not None
+            or task.outcome == "skipped"
+            or (task.start_timed_out and never)
+        ):
+            gone.add(key)
+    return Outcome(ready, first, runs, end, finished, gone, timed_out, None)
 
 
 def simulate(workload: Workload, policy: Policy) -> Outcome:
@@ -714,12 +880,18 @@ def measure(workload: Workload, outcome: Outcome, tenant: str | None = None) -> 
         "started": sum(1 for k in outcome.first_start if mine(k)),
         "not_started": sum(
             1
-            for k, t in workload.tasks.items()
-            if mine(k)
-            and k not in outcome.first_start
-            and t.outcome != "skipped"
-            and t.withdrawn is None
+            for k in workload.tasks
+            if mine(k) and k not in outcome.first_start and k not in outcome.gone
         ),
+        "timed_out_before_start": sum(
+            1 for k in outcome.timed_out if mine(k) and k not in outcome.first_start
+        ),
+        "refused": None
+        if outcome.refused is None
+        else {
+            why: sum(1 for k, r in outcome.refused.items() if r == why and mine(k))
+            for why in ("overloaded", "unschedulable")
+        },
         "utilisation": utilisation,
         "makespan": round(end - start, 6),
     }
@@ -806,5 +978,15 @@ def tables(report: dict[str, Any]) -> list[Any]:
     totals.add_row("makespan", _fmt(rec["makespan"], " s"), _fmt(sim["makespan"], " s"))
     totals.add_row("tasks started", str(rec["started"]), str(sim["started"]))
     totals.add_row("never started", str(rec["not_started"]), str(sim["not_started"]))
+    totals.add_row(
+        "timed out before a start",
+        str(rec["timed_out_before_start"]),
+        str(sim["timed_out_before_start"]),
+    )
+    for why in ("overloaded", "unschedulable"):
+        cells = [
+            "-" if side["refused"] is None else str(side["refused"][why]) for side in (rec, sim)
+        ]
+        totals.add_row(f"refused: {why}", *cells)
     out.append(totals)
     return out
