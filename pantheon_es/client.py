@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,30 @@ from nats.aio.client import Client as NATS
 
 from pantheon_es import connection, ids
 from pantheon_es.bulk import CommandBatcher
-from pantheon_es.errors import PantheonError, UnavailableError, error_from_reply
+from pantheon_es.errors import (
+    ForbiddenError,
+    InvalidError,
+    PantheonError,
+    UnavailableError,
+    error_from_reply,
+)
 from pantheon_es.subjects import Subjects
 
 log = structlog.get_logger(__name__)
+
+_INBOX_PREFIX = re.compile(r"^[^.*>\s]+(\.[^.*>\s]+)*$")
+_USERINFO = re.compile(r"//([^@/]*)@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password or token (``nats://user:***@host``)."""
+
+    def hide(m: re.Match[str]) -> str:
+        user, colon, _secret = m.group(1).partition(":")
+        return f"//{user}:***@" if colon else "//***@"
+
+    return _USERINFO.sub(hide, url)
+
 
 DISCOVERY_FILE = "pantheon.json"
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timed_out", "skipped"})
@@ -112,14 +133,59 @@ class PantheonClient:
 
     @classmethod
     async def connect(
-        cls, url: str, *, tenant: str = "default", root: str = "pantheon", **kwargs: Any
+        cls,
+        url: str,
+        *,
+        tenant: str = "default",
+        root: str = "pantheon",
+        inbox_prefix: str | None = None,
+        **kwargs: Any,
     ) -> PantheonClient:
+        """Connect to NATS at ``url``; credentials go in it (``nats://user:password@host``
+        or ``nats://token@host``), as nats-py reads them.
+
+        ``inbox_prefix`` (default: ``PANTHEON_INBOX_PREFIX``, else nats-py's ``_INBOX``)
+        starts every reply and deliver subject of this connection: a user whose NATS
+        permissions let it subscribe only to ``<prefix>.>`` sees no other user's replies
+        or event deliveries (docs/operations.md, "NATS permissions for one tenant").
+
+        Raises:
+            ForbiddenError: the server refused the credentials.
+            UnavailableError: no server answered.
+            InvalidError: ``inbox_prefix`` is no subject prefix.
+        """
+        prefix = inbox_prefix or os.environ.get("PANTHEON_INBOX_PREFIX") or None
+        options: dict[str, Any] = {}
+        if prefix is not None:
+            if not _INBOX_PREFIX.match(prefix):
+                raise InvalidError(
+                    f"inbox prefix {prefix!r} (PANTHEON_INBOX_PREFIX): subject tokens "
+                    "separated by dots, without *, > or spaces"
+                )
+            options["inbox_prefix"] = prefix
+        refused: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            text = str(exc)
+            lowered = text.lower()
+            # A refused publish or subscription is not logged: it becomes a forbidden
+            # error where it matters (Connection.request_checked).
+            if "authorization violation" in lowered:
+                refused.append(text)
+            elif "permissions violation" not in lowered:
+                log.warning("NATS error", error=text)
+
         try:
             nc = await connection.connect(
-                url, max_reconnect_attempts=3, connect_timeout=3, allow_reconnect=True
-            )
+                url, max_reconnect_attempts=3, connect_timeout=3, allow_reconnect=True,
+                error_cb=on_error, **options,
+            )  # fmt: skip
         except (OSError, nats.errors.NoServersError, TimeoutError) as exc:
-            raise UnavailableError(f"cannot reach NATS at {url}: {exc}") from None
+            if refused:
+                raise ForbiddenError(
+                    f"NATS at {redact_url(url)} refused the credentials (authorization violation)"
+                ) from None
+            raise UnavailableError(f"cannot reach NATS at {redact_url(url)}: {exc}") from None
         return cls(nc, tenant=tenant, subjects=Subjects(root), **kwargs)
 
     async def close(self) -> None:

@@ -19,20 +19,57 @@ payload, headers)``, which the protocol parser calls for every message, and the
 pending buffer its flusher writes (``_pending``, ``_pending_data_size``,
 ``_transport``); tests/test_connection.py fails if they stop being so. Every other
 subscription and publish takes nats-py's path unchanged.
+
+A server that refuses a publish or a subscription for lack of permission drops it and
+says so in an ``-ERR`` (nats-py hands it to ``_process_err``, lowercased); a request
+then simply gets no reply. :meth:`Connection.request_checked` and
+:meth:`Connection.on_denied` turn such a refusal into a ``forbidden`` error at once
+instead of a timeout (docs/decisions.md, "NATS permissions for one tenant"). They
+rely on ``Client._process_err(err_msg)`` and on the reply inbox of nats-py's
+requests (``_resp_sub_prefix``, made by ``_init_request_sub``);
+tests/test_tenant_permissions.py fails if those change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.protocol import command as prot_command
+from nats.protocol.parser import PERMISSIONS_ERR
+
+from pantheon_es.errors import ForbiddenError
 
 #: (subject, reply, payload, header block or None) -> None; called on the reading task
 RawHandler = Callable[[bytes, bytes, bytes, bytes | None], None]
+#: (what, subject) of a permission violation, both lowercase as nats-py passes them on:
+#: ("publish", "$js.api...") or ("subscription", "_inbox...")
+DenialHandler = Callable[[str, str], None]
+
+
+#: Said with a refused subscription: replies and deliveries come to the inboxes.
+_INBOX_HINT = (
+    " (replies and deliveries come to this connection's inboxes; PANTHEON_INBOX_PREFIX "
+    "sets their prefix to one its permissions allow)"
+)
+
+
+def denial_of(err_msg: str) -> tuple[str, str] | None:
+    """(what, subject) of a server's ``permissions violation for publish to "x"`` (or
+    ``... for subscription to "x"``), None for any other error."""
+    if PERMISSIONS_ERR not in err_msg:
+        return None
+    what = "subscription" if "for subscription to" in err_msg else "publish"
+    start = err_msg.find('"')
+    end = err_msg.find('"', start + 1)
+    return what, err_msg[start + 1 : end] if 0 <= start < end else ""
 
 
 class Connection(Client):
@@ -42,6 +79,9 @@ class Connection(Client):
     def __init__(self) -> None:
         super().__init__()
         self._raw_handlers: dict[int, RawHandler] = {}
+        self._denial_handlers: set[DenialHandler] = set()
+        #: the latest permission violations the server reported, oldest first
+        self.denials: collections.deque[tuple[str, str]] = collections.deque(maxlen=64)
 
     async def raw_subscribe(self, subject: str, handler: RawHandler) -> Subscription:
         """Subscribe ``handler`` to ``subject``: it is called with each message's raw parts,
@@ -63,6 +103,79 @@ class Connection(Client):
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
         handler(subject, reply, data, headers)
+
+    async def _process_err(self, err_msg: str) -> None:
+        denial = denial_of(err_msg)
+        if denial is not None:
+            self.denials.append(denial)
+            for handler in list(self._denial_handlers):
+                handler(*denial)
+        await super()._process_err(err_msg)
+
+    @contextlib.contextmanager
+    def on_denied(self, handler: DenialHandler) -> Iterator[None]:
+        """Call ``handler(what, subject)`` for every permission violation the server
+        reports while inside (subjects lowercase, as nats-py passes the error on)."""
+        self._denial_handlers.add(handler)
+        try:
+            yield
+        finally:
+            self._denial_handlers.discard(handler)
+
+    async def request_checked(
+        self, subject: str, payload: bytes, *, timeout: float, watch: Iterable[str] = ()
+    ) -> Msg:
+        """``request``, but a server's refusal to let this connection publish to
+        ``subject``, subscribe to its reply inbox or subscribe to one of ``watch`` (a
+        subscription the answer depends on) raises :class:`ForbiddenError` as soon as
+        the server says so, instead of a timeout.
+
+        Raises:
+            ForbiddenError: naming what was refused.
+            nats.errors.TimeoutError: no reply within ``timeout``.
+        """
+        refused: list[tuple[str, str]] = []
+        woken: asyncio.Future[None] | None = None
+
+        def denied(what: str, denied_subject: str) -> None:
+            refused.append((what, denied_subject))
+            if woken is not None and not woken.done():
+                woken.set_result(None)
+
+        with self.on_denied(denied):
+            if not self._resp_sub_prefix:
+                await self._init_request_sub()  # nats-py's own, lazily made by request()
+            assert self._resp_sub_prefix is not None
+            # (what, subject as nats-py passes it on: lowercase) -> the subject as given
+            keys = {
+                ("publish", subject.lower()): subject,
+                ("subscription", (self._resp_sub_prefix.decode() + "*").lower()): (
+                    self._resp_sub_prefix.decode() + "*"
+                ),
+                **{("subscription", w.lower()): w for w in watch},
+            }
+            refused.extend(self.denials)  # the reply inbox may have been refused earlier
+            loop = asyncio.get_running_loop()
+            request = loop.create_task(self.request(subject, payload, timeout=timeout))
+            try:
+                while True:
+                    hit = next((r for r in refused if r in keys), None)
+                    if hit is not None:
+                        what, name = hit[0], keys[hit]
+                        hint = _INBOX_HINT if what == "subscription" else ""
+                        raise ForbiddenError(
+                            f"the server refused it a {what} to {name}{hint}",
+                            details={"refused": what, "subject": name},
+                        )
+                    if request.done():
+                        return request.result()
+                    woken = loop.create_future()
+                    await asyncio.wait((request, woken), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not request.done():
+                    request.cancel()
+                elif not request.cancelled():
+                    request.exception()  # retrieved: a refusal was raised instead
 
     def publish_now(self, subject: str, payload: bytes) -> None:
         """Publish ``payload`` (no reply subject, no headers) and hand it to the socket at
@@ -110,4 +223,4 @@ async def connect(url: str, **options: Any) -> Connection:
     return nc
 
 
-__all__ = ["Connection", "RawHandler", "connect"]
+__all__ = ["Connection", "DenialHandler", "RawHandler", "connect", "denial_of"]

@@ -109,8 +109,11 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         startup_timeout: float = 20.0,
         port: int | None = None,
+        config: Path | None = None,
     ) -> None:
         self.base_dir = Path(base_dir)
+        #: A config file of one's own, loaded as it is (instead of the shipped one).
+        self.config = config
         self.store_dir = self.base_dir / "store"
         self.run_dir = self.base_dir / "run"
         self.log_file = self.base_dir / "nats-server.log"
@@ -131,7 +134,10 @@ class EmbeddedNats:
 
     @property
     def config_file(self) -> Path:
-        """The file the server loads: the shipped one, or a copy with sync_interval set."""
+        """The file the server loads: ``config`` if given, else the shipped one or a copy
+        of it with sync_interval set."""
+        if self.config is not None:
+            return self.config
         if self.sync_interval is None or self.sync_interval == shipped_sync_interval():
             return CONFIG_FILE
         return self.run_dir / "nats.conf"
@@ -146,7 +152,7 @@ class EmbeddedNats:
             stale.unlink()
         self.url = self.monitor_url = ""  # read back from this start's ports file
         config = self.config_file
-        if config != CONFIG_FILE:
+        if config != CONFIG_FILE and config != self.config:
             config.write_text(config_text(self.sync_interval))
         args = [
             str(binary),

@@ -10,6 +10,11 @@
 * :meth:`EventStore.read_aggregate` reads one aggregate's history in one
   batched direct get; :class:`EventFeed` tails or replays the stream with an
   ordered push consumer.
+* Reads that name a filter subject (the feed, :meth:`EventStore.first_seq`,
+  :meth:`EventStore.stream_last_seq`, :meth:`EventStore.subject_last_seq`) go only
+  through JetStream API subjects that carry that filter, so NATS permissions can
+  hold a user to one tenant's events (docs/decisions.md, "NATS permissions for
+  one tenant").
 
 JetStream error codes are mapped here and nowhere else.
 """
@@ -19,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import nats.errors
@@ -31,7 +37,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
-    AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
@@ -42,7 +47,13 @@ from nats.js.api import (
 
 from pantheon_es import aggregates, ids
 from pantheon_es.connection import Connection
-from pantheon_es.errors import ConcurrencyError, InternalError, PantheonError, UnavailableError
+from pantheon_es.errors import (
+    ConcurrencyError,
+    ForbiddenError,
+    InternalError,
+    PantheonError,
+    UnavailableError,
+)
 from pantheon_es.events import Event, decode, encode
 from pantheon_es.subjects import Subjects
 
@@ -68,6 +79,9 @@ H_EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 H_BATCH_ID = "Nats-Batch-Id"
 H_BATCH_SEQ = "Nats-Batch-Sequence"
 H_BATCH_COMMIT = "Nats-Batch-Commit"
+
+#: The JetStream API's subject prefix (no JetStream domain).
+JS_API = "$JS.API"
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,12 +406,142 @@ class EventStore:
         return int(info.state.last_seq or 0)
 
     async def subject_last_seq(self, subject: str) -> int:
-        """The last sequence stored on one subject (0 if none)."""
+        """The last sequence stored on ``subject`` (0 if none); a wildcard subject such as
+        one tenant's ``<root>.ev.T.>`` gives the last of all it matches.
+
+        One direct get by last subject, whose API subject carries ``subject`` and takes
+        no body, so a permission can allow it for one tenant's subjects only.
+
+        Raises:
+            ForbiddenError: NATS permissions do not let this user read ``subject``.
+            UnavailableError: no answer.
+        """
+        api = f"{JS_API}.DIRECT.GET.{self.stream}.{subject}"
         try:
-            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
-        except nats.js.errors.NotFoundError:
+            msg = await _request(self.nc, api, b"", self.config.ack_timeout)
+        except ForbiddenError as exc:
+            raise _forbidden_read(exc, self.stream, subject) from None
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise UnavailableError(f"direct get on {self.stream} failed: {exc!r}") from None
+        headers = msg.headers or {}
+        if headers.get("Status") == "404":
             return 0
-        return int(msg.seq or 0)
+        if "Nats-Sequence" not in headers:
+            raise UnavailableError(f"direct get on {self.stream} answered {headers}")
+        return int(headers["Nats-Sequence"])
+
+    async def stream_last_seq(self, subject: str | None = None) -> int:
+        """The stream's last sequence (0 when empty), for the operator tools: a refusal by
+        NATS permissions is a ``forbidden`` error at once, not a timeout.
+
+        Without ``subject``, from the stream's info, as :meth:`last_seq`. With a filter
+        ``subject``, through it, for a user whose permissions cover only that filter (one
+        tenant's ``<root>.ev.T.>``): such a user may not ask for the stream's info, whose
+        request body can ask for every subject of the stream (every tenant's aggregate
+        ids). A pull consumer on ``subject`` with deliver policy ``new`` starts after the
+        stream's last message, and its create reply says that sequence
+        (``delivered.stream_seq``); it is never read and the server deletes it after a
+        second. The stream's last sequence is no secret of other tenants: the sequences
+        of a tenant's own events already show how the log grows.
+
+        Raises:
+            ForbiddenError: NATS permissions do not let this user ask.
+            nats.js.errors.NotFoundError: no such stream.
+            nats.errors.TimeoutError: no answer.
+        """
+        if subject is None:
+            api = f"{JS_API}.STREAM.INFO.{self.stream}"
+            try:
+                msg = await _request(self.nc, api, b"", self.config.ack_timeout)
+            except ForbiddenError as exc:
+                raise _forbidden_read(exc, self.stream, self.subjects.all_events) from None
+            info: dict[str, Any] = orjson.loads(msg.data)
+            if info.get("error"):
+                nats.js.errors.APIError.from_error(info["error"])
+            return int((info.get("state") or {}).get("last_seq") or 0)
+        reply = await self._create_consumer(
+            {
+                "name": ids.new_id(),
+                "filter_subject": subject,
+                "deliver_policy": "new",
+                "ack_policy": "none",
+                "inactive_threshold": 1_000_000_000,  # ns
+                "mem_storage": True,
+                "num_replicas": 1,
+            }
+        )
+        return int((reply.get("delivered") or {}).get("stream_seq") or 0)
+
+    async def first_seq(
+        self,
+        subject: str,
+        *,
+        start_seq: int | None = None,
+        start_time: datetime | None = None,
+    ) -> int | None:
+        """The sequence of the first message on ``subject`` at or after stream sequence
+        ``start_seq``, or stored at or after ``start_time`` (None: there is none).
+
+        A consumer on ``subject`` (deliver policy by start sequence or time, headers
+        only, at most one message in flight) is created through the API subject that
+        carries its filter, so this needs only the permissions of a read of
+        ``subject``; the first message it delivers names its stream sequence, and none
+        is awaited when its create reply counts nothing pending. Not a direct get: its
+        filter subject travels in the request body, where no permission can see it.
+
+        Raises:
+            ForbiddenError: NATS permissions do not let this user read ``subject``.
+            UnavailableError: the message counted was not delivered in time.
+        """
+        if (start_seq is None) == (start_time is None):
+            raise ValueError("give start_seq or start_time")
+        start: dict[str, Any]
+        if start_time is not None:
+            when = start_time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+            start = {"deliver_policy": "by_start_time", "opt_start_time": when}
+        else:
+            start = {"deliver_policy": "by_start_sequence", "opt_start_seq": max(1, start_seq or 1)}
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            reply = await self._create_consumer(
+                {
+                    "name": ids.new_id(),
+                    "deliver_subject": inbox,
+                    "filter_subject": subject,
+                    **start,
+                    "ack_policy": "explicit",  # never acked: one message is enough
+                    "max_ack_pending": 1,
+                    "headers_only": True,
+                    "mem_storage": True,
+                    "num_replicas": 1,
+                },
+                watch=[inbox],
+            )
+            if not reply.get("num_pending"):
+                return None
+            try:
+                msg = await sub.next_msg(timeout=self.config.ack_timeout)
+            except nats.errors.TimeoutError:
+                raise UnavailableError(
+                    f"the first message on {subject} was not delivered in time"
+                ) from None
+            return _ack_fields(msg.reply.split("."))[0]
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()  # the server then deletes the consumer
+
+    async def _create_consumer(
+        self, config: dict[str, Any], *, watch: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Create a consumer with its one filter subject through the filtered create
+        subject, mapping a refusal (:func:`create_consumer`)."""
+        try:
+            return await create_consumer(
+                self.nc, self.stream, config, timeout=self.config.ack_timeout, watch=watch
+            )
+        except ForbiddenError as exc:
+            raise _forbidden_read(exc, self.stream, config["filter_subject"]) from None
 
     async def _direct_get_batch(self, subject: str, start_seq: int, limit: int) -> list[Msg]:
         """Up to ``limit`` messages of ``subject`` from ``start_seq`` in one direct-get request."""
@@ -448,6 +592,7 @@ class EventStore:
             from_seq,
             max_buffer,
             heartbeat=heartbeat,
+            api_timeout=self.config.ack_timeout,
         )
 
 
@@ -484,8 +629,10 @@ class EventFeed:
         max_buffer: int,
         *,
         heartbeat: float = 5.0,
+        api_timeout: float = 5.0,
     ) -> None:
         self._nc = nc
+        self._api_timeout = api_timeout
         self._js = js
         self._stream = stream
         self._subject = subject
@@ -509,9 +656,19 @@ class EventFeed:
         self.pauses = 0
         #: How many times a raw feed started a new consumer after a gap or silence.
         self.resets = 0
+        #: Messages matching the filter from ``from_seq`` on when the first consumer was
+        #: created (its create reply's ``num_pending``; raw feeds only, else None).
+        self.initial_pending: int | None = None
+        self._error: PantheonError | None = None  # handed to the reader (a refusal)
+        self._denials: contextlib.ExitStack | None = None
+        self._watched: tuple[str, str] = ("", "")  # (deliver subject, flow-control prefix)
 
     async def __aenter__(self) -> EventFeed:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # e.g. refused: no handler left on the connection
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -576,26 +733,41 @@ class EventFeed:
         self._dseq = 0
         self._alive = True
         inbox = nc.new_inbox()
+        name = ids.new_id()
+        if self._denials is None:
+            self._denials = contextlib.ExitStack()
+            self._denials.enter_context(nc.on_denied(self._denied))
+        self._watched = (inbox.lower(), f"$js.fc.{self._stream.lower()}.{name.lower()}.")
         self._sub = await nc.raw_subscribe(inbox, on_message)
         try:
-            await self._js.add_consumer(
+            # Named, and created through the create subject that carries the filter: a
+            # permission can then allow one tenant's feeds only (create_consumer).
+            reply = await create_consumer(
+                nc,
                 self._stream,
-                ConsumerConfig(
-                    deliver_subject=inbox,
-                    filter_subject=self._subject,
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=self._last + 1,
-                    ack_policy=AckPolicy.NONE,
-                    max_deliver=1,
-                    flow_control=True,
-                    idle_heartbeat=self._heartbeat,
-                    mem_storage=True,
-                    num_replicas=1,
-                ),
+                {
+                    "name": name,
+                    "deliver_subject": inbox,
+                    "filter_subject": self._subject,
+                    "deliver_policy": "by_start_sequence",
+                    "opt_start_seq": self._last + 1,
+                    "ack_policy": "none",
+                    "max_deliver": 1,
+                    "flow_control": True,
+                    "idle_heartbeat": int(self._heartbeat * 1e9),  # ns
+                    "mem_storage": True,
+                    "num_replicas": 1,
+                },
+                timeout=self._api_timeout,
+                watch=[inbox],
             )
-        except BaseException:
+        except BaseException as exc:
             await self._unsubscribe()
+            if isinstance(exc, ForbiddenError):
+                raise _forbidden_read(exc, self._stream, self._subject) from None
             raise
+        if self.initial_pending is None:
+            self.initial_pending = int(reply.get("num_pending") or 0)
         if generation == self._generation:
             self._watchdog = asyncio.get_running_loop().call_later(
                 2 * self._heartbeat, self._look, generation
@@ -626,6 +798,21 @@ class EventFeed:
         last = fields.get(b"Nats-Last-Consumer")
         if last is not None and int(last) != self._dseq:
             self._reset()  # the server delivered messages this feed never saw
+
+    def _denied(self, what: str, subject: str) -> None:
+        """The server refused this feed's inbox or a flow-control reply: nothing more can
+        come, so the reader gets a ``forbidden`` error instead of waiting."""
+        inbox, flow_control = self._watched
+        if subject == inbox or (what == "publish" and subject.startswith(flow_control)):
+            refused = ForbiddenError(f"the server refused it a {what} to {subject}")
+            self._fail(_forbidden_read(refused, self._stream, self._subject))
+
+    def _fail(self, error: PantheonError) -> None:
+        if self._error is None:
+            self._error = error
+        self._paused = True
+        self._drop_subscription()
+        self._ready.set()
 
     def _look(self, generation: int) -> None:
         """The watchdog: silent for two heartbeat intervals means the consumer is gone."""
@@ -675,6 +862,9 @@ class EventFeed:
                 await self.start()
             except Exception as exc:
                 self._paused = True
+                if isinstance(exc, ForbiddenError):
+                    self._fail(exc)
+                    return
                 if self._raw is None:
                     raise
                 # The server is away: try again after two heartbeat intervals.
@@ -690,8 +880,14 @@ class EventFeed:
     async def next_batch(
         self, max_items: int = 1000, timeout: float | None = None
     ) -> list[RawEvent]:
-        """Wait for events and take up to ``max_items`` of them (``[]`` on timeout)."""
-        if not self._buffer and not self._closed:
+        """Wait for events and take up to ``max_items`` of them (``[]`` on timeout).
+
+        Raises:
+            ForbiddenError: the server refused what the feed needs to go on (its deliver
+                subject, a flow-control reply, a new consumer), once the events received
+                before are taken.
+        """
+        if not self._buffer and not self._closed and self._error is None:
             self._ready.clear()
             if timeout is None:
                 await self._ready.wait()
@@ -702,9 +898,12 @@ class EventFeed:
 
     async def take(self, max_items: int = 1000) -> list[RawEvent]:
         """Up to ``max_items`` of the events already received, without waiting for more."""
+        if self._error is not None and not self._buffer:
+            raise self._error
         batch = self._buffer[:max_items]
         del self._buffer[:max_items]
-        if self._paused and len(self._buffer) <= self._max_buffer // 2 and not self._closed:
+        resume = self._paused and len(self._buffer) <= self._max_buffer // 2
+        if resume and self._error is None and not self._closed:
             await self._resume()
         return batch
 
@@ -717,6 +916,9 @@ class EventFeed:
     async def stop(self) -> None:
         self._closed = True
         self._ready.set()
+        if self._denials is not None:
+            self._denials.close()
+            self._denials = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -844,6 +1046,59 @@ def _ack_fields(t: Sequence[str] | Sequence[bytes]) -> tuple[int, int, int, int]
     if len(t) == 9:
         return int(t[5]), int(t[6]), int(t[7]), int(t[8])
     return int(t[7]), int(t[8]), int(t[9]), int(t[10])
+
+
+async def _request(
+    nc: NATS, subject: str, payload: bytes, timeout: float, watch: Iterable[str] = ()
+) -> Msg:
+    """A request that, on a :class:`Connection`, fails fast with ``forbidden`` when the
+    server refuses it for lack of permission (:meth:`Connection.request_checked`)."""
+    if isinstance(nc, Connection):
+        return await nc.request_checked(subject, payload, timeout=timeout, watch=watch)
+    return await nc.request(subject, payload, timeout=timeout)
+
+
+async def create_consumer(
+    nc: NATS,
+    stream: str,
+    config: dict[str, Any],
+    *,
+    timeout: float,
+    watch: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Create the consumer ``config`` describes (``name`` and one ``filter_subject``
+    required; the JetStream API's JSON) and return the server's create reply.
+
+    It goes through ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter subject>``
+    (nats-server 2.9+): the server refuses a body whose filter differs from the one in
+    the subject, so a permission on that subject holds a user to a filter, e.g. one
+    tenant's ``<root>.ev.T.>``. ``watch``: subscriptions the consumer's delivery needs
+    (its deliver subject), whose refusal also fails the call.
+
+    Raises:
+        ForbiddenError: the server refused the request or a watched subscription.
+        nats.js.errors.APIError: JetStream's refusal (``NotFoundError``: no stream).
+        nats.errors.TimeoutError: no answer.
+    """
+    subject = f"{JS_API}.CONSUMER.CREATE.{stream}.{config['name']}.{config['filter_subject']}"
+    body = orjson.dumps({"stream_name": stream, "config": config})
+    msg = await _request(nc, subject, body, timeout, watch)
+    reply: dict[str, Any] = orjson.loads(msg.data)
+    error = reply.get("error")
+    if error:
+        nats.js.errors.APIError.from_error(error)  # raises the matching nats-py error
+        raise nats.js.errors.APIError(**error)  # (from_error always raises)
+    return reply
+
+
+def _forbidden_read(exc: ForbiddenError, stream: str, subject: str) -> ForbiddenError:
+    """A refusal said as what it stops: reading ``subject`` of ``stream``."""
+    return ForbiddenError(
+        f"NATS permissions do not let this user read {subject} of stream {stream}: "
+        f"{exc.message} (a user held to tenant T may read <root>.ev.T.> only; "
+        'docs/operations.md, "NATS permissions for one tenant")',
+        details={"stream": stream, "subject": subject, **(exc.details or {})},
+    )
 
 
 def _seq_of(msg: Msg) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import orjson
 import pytest
 
 from pantheon_es import connection, ids
@@ -50,6 +51,39 @@ async def test_a_feed_on_a_connection_reads_raw_messages(store: EventStore) -> N
     }
     assert all(g.timestamp_ns > 0 for g in got)
     assert got[-1].pending == 0 and got[0].pending == 19
+
+
+async def test_a_feed_creates_a_named_consumer_through_the_subject_that_carries_its_filter(
+    store: EventStore, nc: connection.Connection
+) -> None:
+    """What lets NATS permissions hold a user to one tenant (docs/decisions.md, "NATS
+    permissions for one tenant"): the filter is in the API subject, not only the body."""
+    for tenant in ("a", "a", "b"):
+        await store.append([submitted(ids.new_id(), tenant=tenant)], expected_seq=0)
+    requests: list[tuple[str, dict[str, Any]]] = []
+
+    async def seen(msg: Any) -> None:
+        requests.append((msg.subject, orjson.loads(msg.data)["config"]))
+
+    await nc.subscribe(f"$JS.API.CONSUMER.CREATE.{store.stream}.>", cb=seen)
+    await nc.flush()
+    a = store.subjects.events("a")
+    async with store.feed(from_seq=2, subject=a) as feed:
+        got = await _read(feed, 1)
+        assert feed.initial_pending == 1  # a's events from sequence 2: the create reply's count
+    assert [g.seq for g in got] == [2]
+    assert await store.stream_last_seq(a) == await store.last_seq() == 3
+    assert await store.first_seq(a, start_seq=2) == 2
+    assert await store.first_seq(a, start_seq=3) is None
+    assert await store.subject_last_seq(a) == 2
+
+    async def four() -> bool:
+        return len(requests) == 4
+
+    await eventually(four, timeout=5)
+    for subject, config in requests:  # the feed, the last sequence, the two lookups
+        assert subject == f"$JS.API.CONSUMER.CREATE.{store.stream}.{config['name']}.{a}"
+        assert config["filter_subject"] == a
 
 
 async def test_flow_control_is_answered_so_a_long_catch_up_never_stalls(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,7 @@ from pantheon_es import ids
 from pantheon_es.events import EventData, EventRecord, decode_record, encode, make_event
 from pantheon_es.mailbox import MailboxState, MessagePriority, MessagesDelivered, MessageSent
 from pantheon_es.mailbox import evolve as mailbox_evolve
-from tools.invariants import TERMINAL_EVENTS, InvariantChecker
+from tools.invariants import TERMINAL_EVENTS, InvariantChecker, id_key
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 TASK, OTHER = "01JTASK0000000000000000001", "01JTASK0000000000000000002"
@@ -56,10 +57,18 @@ class History:
         capacity = {"cpu": cpu, "memory_mb": 1024, "gpu": 0, "custom": {}}
         self.add("WorkerRegistered", "worker", worker, {"capacity": capacity, "slots": slots})
 
-    def check(self) -> InvariantChecker:
-        checker = InvariantChecker()
+    def check(self, keep_finished: int | None = None) -> InvariantChecker:
+        checker = InvariantChecker() if keep_finished is None else InvariantChecker(keep_finished)
         checker.feed(self.records)
         return checker
+
+    def finish_others(self, n: int, t: float = 0.0) -> None:
+        """``n`` other tasks' whole lives, so that an earlier finished task's record is old."""
+        for i in range(n):
+            other = f"01JF{i:022d}"
+            self.submit(other)
+            self.grant(f"LF{i}", t=t, task=other, worker="elsewhere")
+            self.task("TaskCompleted", {"lease_id": f"LF{i}"}, t=t, task=other)
 
 
 def only(checker: InvariantChecker) -> tuple[str, int]:
@@ -184,6 +193,231 @@ def test_dependent_leased_before_its_dependency_completed_is_named() -> None:
     h.task("TaskCompleted", {"lease_id": "L1"}, t=1, task=TASK)
     h.grant("L2", task=OTHER, t=2)
     assert h.check().violations == []
+
+
+# -- finished tasks are kept compact, the old ones on disk: every check still sees them -----------
+
+#: None: the default (every record in memory here); 2: all but the newest few spilled to SQLite
+KEEPS = [None, 2]
+
+
+@pytest.mark.parametrize("keep", KEEPS)
+def test_report_long_after_the_terminal_event_is_stale(keep: int | None) -> None:
+    h = History()
+    h.submit()
+    h.grant("L1")
+    h.task("TaskCompleted", {"lease_id": "L1"}, t=1)
+    h.finish_others(10, t=2)
+    late = h.task("TaskProgressed", {"lease_id": "L1"}, t=3)
+    checker = h.check(keep)
+    assert only(checker) == ("stale_report", late)
+    assert "task completed, no live lease" in checker.violations[0].message
+    if keep == 2:
+        assert checker.record_counts()["finished_spilled"] > 0
+
+
+@pytest.mark.parametrize("keep", KEEPS)
+def test_second_terminal_event_long_after_the_first_is_named_not_after_a_redrive(
+    keep: int | None,
+) -> None:
+    h = History()
+    h.submit()
+    h.grant("L1")
+    first = h.task("TaskFailed", {"lease_id": "L1", "error": {"type": "E"}}, t=1)
+    h.finish_others(10, t=2)
+    again = h.task("TaskCancelled", {"previous_status": "failed"}, t=3)
+    checker = h.check(keep)
+    assert only(checker) == ("one_terminal_event", again)
+    assert checker.violations[0].message == f"task already failed by TaskFailed at seq {first}"
+
+    h.finish_others(10, t=4)
+    h.task("TaskRedriven", {"previous_status": "cancelled", "reason": "r"}, t=5)
+    h.grant("L2", t=6)
+    h.task("TaskCompleted", {"lease_id": "L2"}, t=7)
+    assert only(h.check(keep)) == ("one_terminal_event", again)  # nothing new
+
+
+@pytest.mark.parametrize("keep", KEEPS)
+def test_redriven_task_finished_long_ago_still_counts_its_resources(keep: int | None) -> None:
+    h = History()
+    h.register("w1", cpu=2.0, slots=4)
+    h.submit(TASK, cpu=1.5)
+    h.grant("L1", task=TASK)
+    h.task("TaskFailed", {"lease_id": "L1", "error": {"type": "E"}}, t=1)
+    h.finish_others(10, t=2)
+    h.task("TaskRedriven", {"previous_status": "failed", "reason": "r"}, t=3)
+    h.submit(OTHER, cpu=1.0)
+    h.grant("L2", task=OTHER, t=4)
+    over = h.grant("L3", task=TASK, t=5)
+    checker = h.check(keep)
+    assert only(checker) == ("worker_capacity", over)
+    assert "cpu 2.5 > 2" in checker.violations[0].message
+
+
+@pytest.mark.parametrize("keep", KEEPS)
+def test_dependent_started_before_a_dependency_that_ended_long_before_completed(
+    keep: int | None,
+) -> None:
+    h = History()
+    h.submit(TASK)
+    h.grant("L1", task=TASK)
+    h.task("TaskFailed", {"lease_id": "L1", "error": {"type": "E"}}, t=1, task=TASK)
+    h.finish_others(10, t=2)
+    h.submit(OTHER, depends_on=[TASK])
+    early = h.grant("L2", task=OTHER, t=3)
+    checker = h.check(keep)
+    assert only(checker) == ("dependency_order", early)
+    assert checker.violations[0].message.endswith(TASK)
+
+    h = History()
+    h.submit(TASK)
+    h.grant("L1", task=TASK)
+    h.task("TaskCompleted", {"lease_id": "L1"}, t=1, task=TASK)
+    h.finish_others(10, t=2)
+    h.submit(OTHER, depends_on=[TASK])
+    h.grant("L2", task=OTHER, t=3)
+    assert h.check(keep).violations == []
+
+
+@pytest.mark.parametrize("keep", KEEPS)
+def test_skipped_dependent_redriven_with_its_workflow_waits_for_its_dependency_again(
+    keep: int | None,
+) -> None:
+    # A skipped node keeps its dependencies while finished: a workflow redrive brings it back.
+    h = History()
+    nodes = [{"task_id": TASK, "depends_on": []}, {"task_id": OTHER, "depends_on": [TASK]}]
+    h.add("WorkflowCreated", "workflow", "01JW0000000000000000000001", {"nodes": nodes})
+    h.submit(TASK)
+    h.task("TaskSubmitted", {"resources": None}, task=OTHER)  # its dependency from the workflow
+    h.grant("L1", task=TASK)
+    h.task("TaskFailed", {"lease_id": "L1", "error": {"type": "E"}}, t=1, task=TASK)
+    h.task("TaskSkipped", {"dependency": TASK}, t=1, task=OTHER)
+    h.finish_others(10, t=2)
+    h.task("TaskRedriven", {"previous_status": "failed", "workflow_redrive": 1}, t=3, task=TASK)
+    h.task("TaskRedriven", {"previous_status": "skipped", "workflow_redrive": 1}, t=3, task=OTHER)
+    early = h.grant("L2", task=OTHER, t=4)
+    checker = h.check(keep)
+    assert only(checker) == ("dependency_order", early)
+
+
+def test_records_beyond_64_bits_and_resources_of_their_own_come_back_from_disk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("tools.invariants.MAX_VECTORS", 1)  # OTHER's resources: its own
+    h = History()
+    h.register("w1", cpu=2.0, slots=4)
+    h.submit(TASK, cpu=1.0)
+    h.submit(OTHER, cpu=1.5)
+    h.grant("L1", task=OTHER)
+    h.task("TaskFailed", {"lease_id": "L1", "error": {"type": "E"}}, t=1, task=OTHER)
+    h.grant("L2", task=TASK, t=1)
+    h.task("TaskCompleted", {"lease_id": "L2"}, t=2, task=TASK)
+    h.finish_others(5, t=2)
+    h.task("TaskRedriven", {"previous_status": "failed"}, t=3, task=OTHER)
+    h.submit(TASK + "X", cpu=1.0)  # not a canonical id: kept as a string
+    h.grant("L3", task=TASK + "X", t=3)
+    over = h.grant("L4", task=OTHER, t=4)
+    late = h.task("TaskProgressed", {"lease_id": "L2"}, t=5, task=TASK)
+    offset = 1 << 64  # sequences past what SQLite's integers hold
+    h.records = [r._replace(seq=r.seq + offset) for r in h.records]
+    checker = h.check(keep_finished=2)
+    assert checker.record_counts()["finished_spilled"] > 0
+    assert [(v.invariant, v.seq - offset) for v in checker.violations] == [
+        ("worker_capacity", over),
+        ("stale_report", late),
+    ]
+    assert "cpu 2.5 > 2" in checker.violations[0].message
+
+
+def test_memory_holds_tasks_in_flight_and_the_newest_finished_only() -> None:
+    h = History()
+    h.finish_others(100)
+    h.submit(TASK)
+    checker = h.check(keep_finished=10)
+    counts = checker.record_counts()
+    assert counts["tasks_in_flight"] == 1
+    assert 10 <= counts["finished_in_memory"] <= 20
+    assert counts["finished_spilled"] + counts["finished_in_memory"] == 100
+    assert counts["spill_file_bytes"] > 0
+    checker.close()
+    checker.close()  # idempotent
+    assert h.check().record_counts()["finished_in_memory"] == 100
+
+
+def test_task_ids_are_keyed_one_to_one() -> None:
+    assert id_key(TASK) == id_key("01JTASK0000000000000000001") != id_key(OTHER)
+    assert isinstance(id_key(TASK), int)
+    # not a canonical id: kept as it is, never equal to a decoded one
+    others = ["01jtask0000000000000000001", "01JTASK000000000000000000I", "short",
+              "01JTASK00000000000000000_1", " 1JTASK0000000000000000001", "é" * 26]  # fmt: skip
+    for other in others:
+        assert id_key(other) == other
+
+
+# any history, however forged: the records on disk judge as the ones in memory do
+FORGED_TYPES = ["TaskSubmitted", "LeaseGranted", "LeaseGranted", "TaskStarted", "LeaseRenewed",
+                "TaskProgressed", "TaskCompleted", "TaskCompleted", "TaskFailed", "LeaseReleased",
+                "RetryScheduled", "LeaseExpired", "TaskTimedOut", "TaskCancelled", "TaskSkipped",
+                "TaskRedriven", "TaskArchived", "WorkerRegistered", "WorkflowCreated"]  # fmt: skip
+forged_scripts = st.lists(
+    st.tuples(
+        st.sampled_from(FORGED_TYPES),
+        st.integers(0, 3),  # task (3: an id that is not a canonical one)
+        st.integers(0, 2),  # lease, or dependencies
+        st.floats(0, 6),
+    ),
+    max_size=50,
+)
+
+
+def _forged_history(script: list[tuple[str, int, int, float]]) -> History:
+    tasks = [TASK, OTHER, "01JTASK0000000000000000003", "not-a-ulid"]
+    h = History()
+    t = 0.0
+    for type_, task_index, n, dt in script:
+        t += dt
+        task, lease = tasks[task_index], f"L{n}"
+        if type_ == "WorkerRegistered":
+            h.register("w1", cpu=1.0 + n, slots=n + 1)
+        elif type_ == "WorkflowCreated":
+            nodes = [{"task_id": task, "depends_on": tasks[:n]}]
+            h.add(type_, "workflow", "01JW0000000000000000000001", {"nodes": nodes})
+        elif type_ == "TaskSubmitted":
+            h.submit(task, cpu=0.5 * n, depends_on=tasks[n + 1 : n + 2])
+        elif type_ == "LeaseGranted":
+            h.grant(lease, t=t, task=task)
+        elif type_ == "LeaseRenewed":
+            h.task(type_, {"lease_id": lease, "expires_at": at(t + 5)}, t=t, task=task)
+        else:
+            h.task(type_, {"lease_id": lease, "error": {"type": "E"}}, t=t, task=task)
+    return h
+
+
+@settings(max_examples=150, deadline=None)
+@given(forged_scripts)
+def test_finished_tasks_on_disk_are_judged_as_in_memory(
+    script: list[tuple[str, int, int, float]],
+) -> None:
+    h = _forged_history(script)
+    in_memory, on_disk = h.check(), h.check(keep_finished=1)
+    assert on_disk.violations == in_memory.violations
+    on_disk.close()
+
+
+def test_delivered_messages_are_dropped_but_a_second_delivery_is_caught() -> None:
+    h = History()
+    send(h, "m1", "high")
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m1"]})
+    checker = h.check()
+    assert checker.violations == [] and checker.record_counts()["mailboxes"] == 0
+    again = h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m1"]}).seq
+    send(h, "m2", "low")
+    send(h, "m3", "urgent")
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m3", "m2"]})
+    checker = h.check()
+    assert only(checker) == ("message_order", again)
+    assert "m1, which is not pending" in checker.violations[0].message
+    assert checker.record_counts()["undelivered_messages"] == 0
 
 
 def send(h: History, message_id: str, priority: str) -> None:

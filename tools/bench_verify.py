@@ -13,6 +13,15 @@ machine noise hits every side alike:
   (tools.verify), against a live-like database built by the first replay;
 * the invariant fold alone over decoded records, in memory.
 
+``--fold-only`` needs no server: it feeds :class:`~tools.invariants.InvariantChecker`
+a synthetic history made of real event payloads (:func:`synthetic_history`, the
+log of a system that keeps ``--window`` tasks live at a time), and reports the
+fold's rate (tracing off), what the process's RSS grew by in the first round,
+and the memory the checker keeps (``tracemalloc``, one more pass): bytes per task
+after the fold, and the peak.
+
+    python -m tools.bench_verify --fold-only --tasks 1000000 [--mixed]
+
 Figures are printed, never asserted.
 """
 
@@ -20,23 +29,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import tempfile
 import time
+import tracemalloc
+from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 from pantheon_es import connection, ids, logs
 from pantheon_es.embedded import EmbeddedNats
-from pantheon_es.events import EventData, EventRecord, decode_record, make_event
+from pantheon_es.events import EventData, EventRecord, decode_record, encode, make_event
 from pantheon_es.gc_tuning import tune_gc
+from pantheon_es.mailbox import MessagePriority, MessagesDelivered, MessageSent, MessageType
+from pantheon_es.specs import ErrorInfo, Resources, ShellSpec
 from pantheon_es.store import EventStore, StoreConfig
 from pantheon_es.subjects import Subjects
-from pantheon_es.tasks import LeaseGranted, LeaseRenewed, TaskCompleted, TaskStarted
+from pantheon_es.tasks import (
+    LeaseGranted,
+    LeaseRenewed,
+    TaskCompleted,
+    TaskFailed,
+    TaskStarted,
+    TaskSubmitted,
+)
 from pantheon_es.workers import Capacity, WorkerRegistered
 from tools.bench import raw_read, store_append, submitted
 from tools.invariants import InvariantChecker
@@ -123,6 +145,164 @@ async def bench(url: str, tasks: int, rounds: int, workdir: Path) -> dict[str, A
     }
 
 
+# -- the fold alone, without a server ---------------------------------------------------------
+
+#: Placeholders in the payload templates, replaced per task (26 characters, as ids are).
+_TASK, _EVENT, _DEP = (
+    b"7ZZZZZZZZZZZZZZZZZZZZZTASK",
+    b"7ZZZZZZZZZZZZZZZZZZZZEVENT",
+    b"7ZZZZZZZZZZZZZZZZZZZZZZDEP",
+)
+
+
+def _templates() -> dict[str, bytes]:
+    """One encoded event per step of a task's life, its ids to be replaced."""
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=1)
+    task, dep = _TASK.decode(), _DEP.decode()
+    lease = f"L{task}"
+    steps: dict[str, EventData] = {
+        "submit": TaskSubmitted(name="bench", executor=ShellSpec(argv=["true"]), priority=200,
+                                resources=Resources(), labels={"bench": "yes"}),
+        "submit_dep": TaskSubmitted(name="bench", executor=ShellSpec(argv=["true"]), priority=200,
+                                    resources=Resources(), labels={"bench": "yes"},
+                                    depends_on=[dep]),
+        "grant": LeaseGranted(lease_id=lease, worker_id="w0", attempt=1, fencing_token=1,
+                              expires_at=later, ttl=30),
+        "start": TaskStarted(lease_id=lease, started_at=now),
+        "renew": LeaseRenewed(lease_id=lease, expires_at=later, activity=True),
+        "complete": TaskCompleted(lease_id=lease, result=1),
+        "fail": TaskFailed(lease_id=lease, error=ErrorInfo(type="Boom", message="bench")),
+        "send_low": MessageSent(message_id=f"{task[:-1]}1", sender="s", type=MessageType.UPDATE,
+                                priority=MessagePriority.LOW, body="b"),
+        "send_high": MessageSent(message_id=f"{task[:-1]}2", sender="s", type=MessageType.UPDATE,
+                                 priority=MessagePriority.HIGH, body="b"),
+        "deliver": MessagesDelivered(message_ids=[f"{task[:-1]}2", f"{task[:-1]}1"]),
+    }  # fmt: skip
+    return {
+        name: encode(make_event(data, event_id=_EVENT.decode(), tenant="default",
+                                aggregate_id=task, occurred_at=now, actor="bench",
+                                correlation_id="bench", causation_id=None))
+        for name, data in steps.items()
+    }  # fmt: skip
+
+
+def _life(i: int, mixed: bool, window: int) -> list[str]:
+    if not mixed or i % 10 in (0, 1, 2, 4, 6, 8, 9):
+        return ["submit", "grant", "start", "renew", "complete"]
+    if i % 10 == 3:  # a dead letter: kept for a redrive
+        return ["submit", "grant", "start", "fail"]
+    if i % 10 == 5 and i >= window:  # depends on a task that finished a window ago
+        return ["submit_dep", "grant", "start", "renew", "complete"]
+    # an agent: two messages to its mailbox, delivered highest priority first
+    return ["submit", "grant", "start", "send_low", "send_high", "deliver", "complete"]
+
+
+def synthetic_history(
+    tasks: int, window: int = 1000, mixed: bool = False, batch: int = 5000
+) -> Iterator[list[EventRecord]]:
+    """A valid history of ``tasks`` task lives, decoded as the feed decodes it, in batches.
+
+    Tasks run ``window`` at a time (submitted, leased, started, renewed, completed, each
+    step for the whole window), on 8 workers registered first. ``mixed``: of every 10
+    tasks one fails (a dead letter), one depends on the task ``window`` before it, and one
+    is an agent that is sent two messages (delivered in priority order); 5.1 events a task.
+    Every payload is parsed afresh, so the checker keeps what ``verify`` would keep.
+    """
+    templates = _templates()
+    seq = 0
+    out: list[EventRecord] = []
+    now = datetime.now(UTC)
+    registered = WorkerRegistered(
+        incarnation="i", capacity=Capacity(cpu=4096, memory_mb=0), slots=window, labels={},
+        hostname="h", pid=1, version="bench", ttl=30, expires_at=now + timedelta(hours=1),
+    )  # fmt: skip
+    for w in range(WORKERS):
+        seq += 1
+        out.append(decode_record(encode(_event(registered, f"w{w}", now)), seq))
+    task_ids = [ids.new_id() for _ in range(min(tasks, window))]
+    for first in range(0, tasks, window):
+        chunk = range(first, min(first + window, tasks))
+        previous, task_ids = task_ids, [ids.new_id() for _ in chunk]
+        lives = [_life(i, mixed, window) for i in chunk]
+        for step in range(max(map(len, lives))):
+            for j, life in enumerate(lives):
+                if step >= len(life):
+                    continue
+                task = task_ids[j].encode()
+                payload = templates[life[step]].replace(_TASK, task)
+                payload = payload.replace(_EVENT, task[:-4] + b"E%03d" % step)
+                if life[step] == "submit_dep":
+                    payload = payload.replace(_DEP, previous[j].encode())
+                elif life[step] == "grant":
+                    payload = payload.replace(b'"w0"', b'"w%d"' % (j % WORKERS))
+                seq += 1
+                out.append(decode_record(payload, seq))
+                if len(out) >= batch:
+                    yield out
+                    out = []
+    if out:
+        yield out
+
+
+def fold_only(tasks: int, rounds: int, window: int, mixed: bool) -> dict[str, Any]:
+    """The checker's rate (median of ``rounds``, decoding not timed) and memory."""
+    rates: list[float] = []
+    total, rss = 0, psutil.Process().memory_info
+    for r in range(rounds):
+        gc.collect()
+        rss_before = rss().rss
+        checker, seconds, total = InvariantChecker(), 0.0, 0
+        for batch in synthetic_history(tasks, window, mixed):
+            start = time.perf_counter()
+            checker.feed(batch)
+            seconds += time.perf_counter() - start
+            total += len(batch)
+        assert not checker.violations, checker.violations[:3]
+        rates.append(total / seconds)
+        if r == 0:  # what the process grew by (SQLite's cache included, unlike tracemalloc)
+            rss_growth = rss().rss - rss_before
+        checker.close()
+        del checker
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    checker = InvariantChecker()
+    for batch in synthetic_history(tasks, window, mixed):
+        checker.feed(batch)
+    del batch
+    gc.collect()
+    kept, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    checker.close()
+    return {
+        "tasks": tasks,
+        "events": total,
+        "window": window,
+        "mixed": mixed,
+        "rounds": rounds,
+        "fold_events_per_s": round(statistics.median(rates)),
+        "kept_bytes": kept - base,
+        "bytes_per_task": round((kept - base) / tasks, 1),
+        "peak_bytes": peak - base,
+        "rss_growth_bytes": rss_growth,
+    }
+
+
+def render_fold(res: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"invariant fold: {res['tasks']:,} tasks, {res['events']:,} events "
+            f"({'mixed' if res['mixed'] else 'all completed'}, {res['window']:,} live at a time)",
+            f"  rate (median of {res['rounds']})  {res['fold_events_per_s']:>12,} events/s",
+            f"  kept after the fold     {res['kept_bytes']:>12,} bytes "
+            f"({res['bytes_per_task']:,} a task)",
+            f"  peak while folding      {res['peak_bytes']:>12,} bytes",
+            f"  RSS grew by             {res['rss_growth_bytes']:>12,} bytes (first round)",
+        ]
+    )
+
+
 def render(res: dict[str, Any]) -> str:
     m, ratio = res["events_per_s"], res["ratio_to_raw_read"]
     return "\n".join(
@@ -144,8 +324,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nats-url", help="use this server instead of an embedded one")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--fold-only",
+        action="store_true",
+        help="the invariant fold alone on a synthetic history: rate and memory",
+    )
+    parser.add_argument("--window", type=int, default=1000, help="--fold-only: tasks live at once")
+    parser.add_argument("--mixed", action="store_true",
+                        help="--fold-only: dead letters, dependencies, messages")  # fmt: skip
     args = parser.parse_args(argv)
     logs.configure("warning")
+    if args.fold_only:
+        tune_gc()
+        res = fold_only(args.tasks, args.rounds, args.window, args.mixed)
+        print(
+            orjson.dumps(res, option=orjson.OPT_INDENT_2).decode()
+            if args.json
+            else render_fold(res)
+        )
+        return
     with tempfile.TemporaryDirectory(prefix="pantheon-bench-") as tmp, ExitStack() as stack:
         url = args.nats_url or stack.enter_context(EmbeddedNats(Path(tmp) / "nats")).url
         res = asyncio.run(bench(url, args.tasks, args.rounds, Path(tmp)))

@@ -2,10 +2,11 @@
 
 * ``--aggregate`` and ``--id`` narrow the consumer's filter subject on the
   server (``<root>.ev.<tenant>.<aggregate>.<id>``, ``*`` for what is not given).
-* ``--since TIME`` starts at the first event stored at or after TIME: one
-  direct get (``start_time`` + ``next_by_subj``) turns the time into a stream
-  sequence, then the feed starts there (the time is the server's stored
-  time, which follows the event's ``occurred_at`` by the append's latency).
+* ``--since TIME`` starts at the first event stored at or after TIME: a consumer on
+  the filter subject with deliver policy by start time turns the time into a stream
+  sequence (:meth:`EventStore.first_seq`), then the feed starts there (the time is
+  the server's stored time, which follows the event's ``occurred_at`` by the
+  append's latency).
 * ``--type`` is filtered by the client: appends carry no header naming the
   type and subjects do not contain it, so the server cannot filter on it. A
   cheap byte test (``"type":"X"``) skips other events before any decoding.
@@ -13,6 +14,11 @@
 It also holds the bounded reads of the operator tools (:func:`raw_batches`,
 :func:`read_records`): a stretch of the log, whole or of one filter subject
 (one tenant's events for ``replay``/``verify --tenant``).
+
+Every read here names its filter subject in the JetStream API subject it uses (no
+direct get with a subject in its body), so a NATS user whose permissions cover one
+tenant's events can run them for that tenant (docs/decisions.md, "NATS permissions
+for one tenant").
 """
 
 from __future__ import annotations
@@ -22,9 +28,7 @@ import re
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import nats.errors
 import orjson
 
 from pantheon_es.errors import InternalError, InvalidError, UnavailableError, UnknownEventTypeError
@@ -85,20 +89,25 @@ async def raw_batches(
     for ``to_seq`` itself, which may be another subject's: it ends with the first message
     at or past ``to_seq`` or the first with nothing matching after it (its ``pending`` is
     0; anything stored later is past ``to_seq``, which was at most the head). Whether
-    anything matches at all is asked first (one direct get), so a subject without
-    messages in the stretch ends at once instead of waiting for the timeout. A log that
-    stops delivering before the end is ``unavailable``.
+    anything matches at all is counted by the consumer's create reply, so a subject
+    without messages in the stretch ends at once instead of waiting for the timeout.
+    A log that stops delivering before the end is ``unavailable``; a server that
+    refuses the read (NATS permissions) is ``forbidden``.
     """
     if from_seq > to_seq:
         return
     whole = subject is None or subject == store.subjects.all_events
-    if not whole:
-        assert subject is not None
-        first = await first_seq_from(store, subject, from_seq)
-        if first is None or first > to_seq:
-            yield [], to_seq
-            return
     async with store.feed(from_seq=from_seq, subject=subject) as feed:
+        if not whole:
+            assert subject is not None
+            # Whether anything matches at all: the consumer's create reply counts it
+            # (a feed on a plain nats-py client does not: one lookup then).
+            pending = feed.initial_pending
+            if pending is None:
+                pending = int(await store.first_seq(subject, start_seq=from_seq) is not None)
+            if pending == 0:
+                yield [], to_seq
+                return
         position = from_seq - 1
         while position < to_seq:
             batch = await feed.next_batch(batch_size, timeout=timeout)
@@ -186,32 +195,7 @@ class EventFilter:
 
 
 async def seq_at(store: EventStore, subject: str, when: datetime) -> int | None:
-    """The sequence of the first event on ``subject`` stored at or after ``when``."""
-    return await _direct_get_seq(
-        store,
-        {"start_time": when.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-         "next_by_subj": subject},
-    )  # fmt: skip
-
-
-async def first_seq_from(store: EventStore, subject: str, seq: int) -> int | None:
-    """The sequence of the first event on ``subject`` at or after stream sequence ``seq``."""
-    return await _direct_get_seq(store, {"seq": max(seq, 1), "next_by_subj": subject})
-
-
-async def _direct_get_seq(store: EventStore, request: dict[str, Any]) -> int | None:
-    """The stream sequence of the message one direct get finds (None: no such message)."""
-    try:
-        msg = await store.nc.request(
-            f"$JS.API.DIRECT.GET.{store.stream}",
-            orjson.dumps(request),
-            timeout=store.config.ack_timeout,
-        )
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-        raise UnavailableError(f"direct get on {store.stream} failed: {exc!r}") from None
-    headers = msg.headers or {}
-    if headers.get("Status") == "404":
-        return None
-    if "Nats-Sequence" not in headers:
-        raise UnavailableError(f"direct get on {store.stream} answered {headers}")
-    return int(headers["Nats-Sequence"])
+    """The sequence of the first event on ``subject`` stored at or after ``when`` (None:
+    none yet), by a consumer's deliver policy by start time (:meth:`EventStore.first_seq`):
+    a read of ``subject`` alone, which a user held to one tenant may do."""
+    return await store.first_seq(subject, start_time=when)

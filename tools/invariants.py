@@ -4,17 +4,32 @@
 objects in stream order (``feed`` has the signature of a projector sink) and
 records a :class:`Violation` for every event that breaks one of
 :data:`INVARIANTS`, naming its stream sequence, event id and type. It does no
-I/O, so it is tested without a server; ``tools.verify`` streams the log
-through it. What each invariant means exactly is written in docs/operations.md
-("Replay and verify") and docs/decisions.md.
+I/O but one private temporary SQLite file (see below), so it is tested without
+a server; ``tools.verify`` streams the log through it. What each invariant
+means exactly is written in docs/operations.md ("Replay and verify") and
+docs/decisions.md.
+
+Memory does not grow with the number of finished tasks. A task in flight has a
+full record; a finished one shrinks to one int (terminal event and sequence,
+whether it ever completed, its resources as an index into a table of the
+distinct vectors) under its id decoded to an int, and the newest
+``keep_finished`` to ``2 * keep_finished`` of those stay in dicts while older
+ones go to a private temporary SQLite file, deleted when it is closed. A mailbox
+holds only its undelivered messages. What is left in memory is what is in flight
+(tasks, workers, undelivered messages) and the violations found
+(docs/decisions.md, "The invariant check's memory").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from pantheon_es.events import EventRecord
 
@@ -50,7 +65,11 @@ TERMINAL_EVENTS = {
 }
 #: Events after which a task holds no lease.
 LEASE_ENDS = frozenset({*TERMINAL_EVENTS, "LeaseExpired", "LeaseReleased", "RetryScheduled"})
+#: Task events that check or change a task's record; any other (TaskArchived, TaskBlocked)
+#: leaves a finished task's compact record where it is.
+TASK_STATE_EVENTS = frozenset({*REPORTS, *LEASE_ENDS, "LeaseGranted", "TaskRedriven"})
 MESSAGE_RANK = {"low": 0, "medium": 1, "high": 2, "urgent": 3}
+_PRIORITY_NAMES = {name: name for name in MESSAGE_RANK}
 #: The scheduler's own retry of an attempt that ran too long: not a worker's report,
 #: decided without looking at the lease's expiry.
 SCHEDULER_RETRY_ERRORS = frozenset({"StartToCloseTimeout"})
@@ -58,6 +77,39 @@ EPS = 1e-9
 
 TaskKey = tuple[str, str]  # (tenant, task id)
 WorkerKey = tuple[str, str]  # (tenant, worker id)
+
+#: Finished tasks kept in memory: between this many and twice as many, the newest.
+KEEP_FINISHED = 100_000
+#: Distinct resource vectors given an index (12 bits); past that a task keeps its own.
+MAX_VECTORS = 4096
+
+# A finished task's compact record is one int: bits 0-2 its terminal event (a position in
+# _TERMINAL_TYPES), bit 3 set if it ever completed, bits 4-15 the index of its resource
+# vector, the rest the terminal event's sequence; or, when it also keeps dependencies not
+# yet met or resources of its own, (that int, those resources or None, dependencies).
+_TERMINAL_TYPES = tuple(TERMINAL_EVENTS)
+_TERMINAL_CODE = {name: code for code, name in enumerate(_TERMINAL_TYPES)}
+_EVER_COMPLETED = 8
+_VECTOR_SHIFT, _SEQ_SHIFT, _LOW_BITS = 4, 16, 0xFFFF
+_INT64_MAX = (1 << 63) - 1
+Record = int | tuple[int, dict[str, float] | None, tuple[str, ...]]
+#: A task id as a key: a 26-character Crockford id decoded to its int (48 bytes, the
+#: string is 80), any other id as it is.
+IdKey = int | str
+_BASE32 = bytearray(b"!" * 256)  # "!": int() refuses the id, which stays a string
+for _i, _c in enumerate(b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"):
+    _BASE32[_c] = b"0123456789abcdefghijklmnopqrstuv"[_i]
+_BASE32_TABLE = bytes(_BASE32)
+
+
+def id_key(task_id: str) -> IdKey:
+    """The compact key of a task id (one-to-one: a decoded id is an int, others strings)."""
+    if len(task_id) == 26:
+        try:
+            return int(task_id.encode("ascii").translate(_BASE32_TABLE), 32)
+        except ValueError:  # UnicodeEncodeError included
+            pass
+    return task_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +150,24 @@ class _Lease:
     granted_seq: int
 
 
+#: The resources of a task seen before its TaskSubmitted (never changed: needs are shared).
+_NO_NEED: dict[str, float] = {}
+
+
 @dataclass(slots=True)
 class _Task:
+    """A task in flight (or a finished one an event is about to touch)."""
+
     status: str = "unknown"  # before its TaskSubmitted (a forged or truncated log)
-    need: dict[str, float] = field(default_factory=dict)
+    #: shared with every task of the same vector, so never changed in place
+    need: dict[str, float] = field(default_factory=lambda: _NO_NEED)
+    vector: int = -1  # need's index in the checker's table (-1: a vector of its own)
+    #: the dependencies not met at its last grant (met ones stay met: completion is for good)
     depends_on: tuple[str, ...] = ()
     lease: _Lease | None = None
     terminal_seq: int = 0
     terminal_type: str = ""
+    completed: bool = False  # a TaskCompleted was recorded for it (a dependent may start)
 
 
 @dataclass(slots=True)
@@ -132,15 +194,150 @@ class _Worker:
 @dataclass(slots=True)
 class _Message:
     rank: int
-    order: int
+    seq: int  # of its MessageSent: the send order
     priority: str
-    delivered: bool = False
 
 
-@dataclass(slots=True)
-class _Mailbox:
-    messages: dict[str, _Message] = field(default_factory=dict)
-    sent: int = 0
+#: A mailbox's undelivered messages by id (a mailbox with none is not kept).
+_Mailbox = dict[str, _Message]
+
+
+class _FinishedTasks:
+    """Compact records of finished tasks by tenant and id (:data:`Record`).
+
+    New records go to the young dict; when ``keep`` have been put there, the old dict
+    is written to a private temporary SQLite database (created then, deleted when
+    closed) and the young one becomes the old. So memory holds the newest ``keep`` to
+    ``2 * keep`` records, the ones the next dependency checks most likely ask for.
+    Once bit 3 (ever completed) is set for a task in any generation it stays set.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = max(1, keep)
+        self._young: dict[str, dict[IdKey, Record]] = {}
+        self._old: dict[str, dict[IdKey, Record]] = {}
+        self._puts = 0
+        self._db: sqlite3.Connection | None = None
+        #: records written to the database so far
+        self.spilled = 0
+
+    def put(self, tenant: str, key: IdKey, record: Record) -> None:
+        young = self._young.get(tenant)
+        if young is None:
+            young = self._young[tenant] = {}
+        before = young.get(key)  # put again (revived, finished again): keep bit 3
+        if before is not None and _packed(before) & _EVER_COMPLETED:
+            record = _with_packed(record, _packed(record) | _EVER_COMPLETED)
+        young[key] = record
+        self._puts += 1
+        if self._puts >= self.keep:
+            self._spill()
+
+    def get(self, tenant: str, key: IdKey) -> Record | None:
+        for generation in (self._young, self._old):
+            records = generation.get(tenant)
+            if records is not None:
+                record = records.get(key)
+                if record is not None:
+                    return record
+        if self._db is None:
+            return None
+        row = self._db.execute(
+            "SELECT record, extra FROM finished WHERE key = ?", (_db_key(tenant, key),)
+        ).fetchone()
+        return None if row is None else _from_row(*row)
+
+    def ever_completed(self, tenant: str, key: IdKey) -> bool:
+        """Whether any generation records a TaskCompleted of the task."""
+        for generation in (self._young, self._old):
+            record = generation.get(tenant, {}).get(key)
+            if record is not None and _packed(record) & _EVER_COMPLETED:
+                return True
+        if self._db is None:
+            return False
+        row = self._db.execute(
+            "SELECT record FROM finished WHERE key = ?", (_db_key(tenant, key),)
+        ).fetchone()
+        return row is not None and bool(row[0] & _EVER_COMPLETED)
+
+    def __len__(self) -> int:
+        """Records in memory (a task put twice counts twice until its older one is spilled)."""
+        return sum(len(r) for g in (self._young, self._old) for r in g.values())
+
+    def file_bytes(self) -> int:
+        """The size of the temporary database (0 before the first spill)."""
+        if self._db is None:
+            return 0
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        return int(pages * self._db.execute("PRAGMA page_size").fetchone()[0])
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _spill(self) -> None:
+        if self._old:
+            db = self._db or self._open()
+            with db:
+                # A task finished again after its record was written (redriven, or submitted
+                # twice) keeps bit 3 of the older record.
+                db.executemany(
+                    "INSERT INTO finished VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET "
+                    "record = excluded.record | (record & 8), extra = excluded.extra",
+                    _rows(self._old),
+                )
+            self.spilled += sum(len(r) for r in self._old.values())
+        self._old, self._young, self._puts = self._young, {}, 0
+
+    def _open(self) -> sqlite3.Connection:
+        # "": a private temporary file (unlinked on Unix as soon as it is opened).
+        db = self._db = sqlite3.connect("", check_same_thread=False)
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("PRAGMA cache_size = -16384")  # 16 MiB
+        # key: the tenant, NUL, the id (17 bytes of a decoded one, or 0xFF and the id);
+        # record: the int of the record, or its low 16 bits when the sequence does not fit
+        # (then in extra, with the resources and dependencies of a tuple record, as JSON).
+        db.execute(
+            "CREATE TABLE finished (key BLOB PRIMARY KEY, record INTEGER NOT NULL, extra BLOB) "
+            "WITHOUT ROWID"
+        )
+        return db
+
+
+def _packed(record: Record) -> int:
+    return record if isinstance(record, int) else record[0]
+
+
+def _with_packed(record: Record, packed: int) -> Record:
+    return packed if isinstance(record, int) else (packed, record[1], record[2])
+
+
+def _db_key(tenant: str, key: IdKey) -> bytes:
+    if isinstance(key, int):  # a decoded id has 130 bits: its first byte is 0-3
+        return b"%s\0%s" % (tenant.encode(), key.to_bytes(17, "big"))
+    return b"%s\0\xff%s" % (tenant.encode(), key.encode())
+
+
+def _rows(generation: dict[str, dict[IdKey, Record]]) -> Iterator[tuple[Any, ...]]:
+    for tenant, records in generation.items():
+        for key, record in records.items():
+            if isinstance(record, int) and record <= _INT64_MAX:
+                yield _db_key(tenant, key), record, None
+                continue
+            packed, need, deps = (record, None, ()) if isinstance(record, int) else record
+            seq = str(packed >> _SEQ_SHIFT) if packed > _INT64_MAX else None
+            low = packed & _LOW_BITS if seq else packed
+            yield _db_key(tenant, key), low, orjson.dumps([seq, need, deps])
+
+
+def _from_row(record: int, extra: bytes | None) -> Record:
+    if extra is None:
+        return record
+    seq, need, deps = orjson.loads(extra)
+    packed = record if seq is None else int(seq) << _SEQ_SHIFT | (record & _LOW_BITS)
+    return (packed, need, tuple(deps)) if need is not None or deps else packed
 
 
 def resource_vector(resources: dict[str, Any] | None, default_cpu: float) -> dict[str, float]:
@@ -161,18 +358,46 @@ def _time(text: str) -> datetime:
 
 
 class InvariantChecker:
-    """Folds a history, event by event, recording every violation."""
+    """Folds a history, event by event, recording every violation.
 
-    def __init__(self) -> None:
+    Args:
+        keep_finished: finished tasks' records kept in memory (between this many and
+            twice as many); older ones go to a temporary SQLite file. Only how fast a
+            check of an old record is depends on it, never a result.
+    """
+
+    def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
         self.violations: list[Violation] = []
         self.events = 0
         self.last_seq = 0
+        #: tasks in flight; a finished task's record moves to ``_finished``
         self._tasks: dict[TaskKey, _Task] = {}
+        self._finished = _FinishedTasks(keep_finished)
         self._workers: dict[WorkerKey, _Worker] = {}
         self._mailboxes: dict[TaskKey, _Mailbox] = {}
-        self._completed: set[TaskKey] = set()
-        #: dependencies a WorkflowCreated recorded for a task id (its TaskSubmitted repeats them)
+        #: the distinct resource vectors, shared by the tasks that need them
+        self._vectors: list[dict[str, float]] = []
+        self._vector_index: dict[tuple[tuple[str, float], ...], int] = {}
+        #: dependencies a WorkflowCreated recorded for a task id not yet submitted (its
+        #: TaskSubmitted repeats them)
         self._workflow_deps: dict[TaskKey, tuple[str, ...]] = {}
+
+    def close(self) -> None:
+        """Delete the temporary file of finished tasks, if there is one (idempotent)."""
+        self._finished.close()
+
+    def record_counts(self) -> dict[str, int]:
+        """How many records of each kind the checker holds (what its memory grows with)."""
+        return {
+            "tasks_in_flight": len(self._tasks),
+            "finished_in_memory": len(self._finished),
+            "finished_spilled": self._finished.spilled,
+            "spill_file_bytes": self._finished.file_bytes(),
+            "mailboxes": len(self._mailboxes),
+            "undelivered_messages": sum(map(len, self._mailboxes.values())),
+            "workers": len(self._workers),
+            "resource_vectors": len(self._vectors),
+        }
 
     # -- feeding ---------------------------------------------------------------------------------
     def feed(self, events: Iterable[EventRecord]) -> None:
@@ -182,7 +407,8 @@ class InvariantChecker:
 
     def apply(self, ev: EventRecord) -> None:
         self.events += 1
-        self.last_seq = max(self.last_seq, ev.seq)
+        if ev.seq > self.last_seq:
+            self.last_seq = ev.seq
         if ev.aggregate == "task":
             self._task_event(ev)
         elif ev.aggregate == "worker":
@@ -204,10 +430,19 @@ class InvariantChecker:
         key = (ev.tenant, ev.aggregate_id)
         data = ev.data
         if ev.type == "TaskSubmitted":
-            deps = tuple(data.get("depends_on") or ()) or self._workflow_deps.get(key, ())
-            self._tasks[key] = _Task("pending", resource_vector(data.get("resources"), 1.0), deps)
+            workflow_deps = self._workflow_deps.pop(key, ())
+            deps = tuple(data.get("depends_on") or ()) or workflow_deps
+            vector, need = self._intern(resource_vector(data.get("resources"), 1.0))
+            again = self._tasks.get(key)  # a second TaskSubmitted: completion counts for good
+            self._tasks[key] = _Task(
+                "pending", need, vector, deps, completed=bool(again and again.completed)
+            )
             return
-        task = self._tasks.setdefault(key, _Task())
+        task = self._tasks.get(key)
+        if task is None:
+            if ev.type not in TASK_STATE_EVENTS:
+                return
+            task = self._tasks[key] = self._revive(key)
         if ev.type in REPORTS and data.get("lease_id") is not None:
             self._check_report(ev, task)
         if ev.type == "LeaseGranted":
@@ -225,6 +460,55 @@ class InvariantChecker:
             # Whatever lease it names, the task's state drops its lease (tasks.evolve does).
             self._end_lease(key, task)
             task.status = "pending"
+        finished = task.terminal_seq and task.lease is None
+        if finished and task.status == TERMINAL_EVENTS[task.terminal_type]:
+            self._compact(key, task)
+
+    def _intern(self, vector: dict[str, float]) -> tuple[int, dict[str, float]]:
+        items = tuple(vector.items())
+        index = self._vector_index.get(items)
+        if index is None:
+            if len(self._vectors) >= MAX_VECTORS:
+                return -1, vector
+            index = self._vector_index[items] = len(self._vectors)
+            self._vectors.append(vector)
+        return index, self._vectors[index]
+
+    def _compact(self, key: TaskKey, task: _Task) -> None:
+        """A finished task without a lease: its record shrinks to what later checks need."""
+        del self._tasks[key]
+        flags = _TERMINAL_CODE[task.terminal_type] | (_EVER_COMPLETED if task.completed else 0)
+        packed = task.terminal_seq << _SEQ_SHIFT | max(task.vector, 0) << _VECTOR_SHIFT | flags
+        record: Record = packed
+        if task.depends_on or task.vector < 0:
+            record = (packed, None if task.vector >= 0 else task.need, task.depends_on)
+        self._finished.put(key[0], id_key(key[1]), record)
+
+    def _revive(self, key: TaskKey) -> _Task:
+        """The full record of a task not in flight: its compact one expanded, or a new one."""
+        record = self._finished.get(key[0], id_key(key[1]))
+        if record is None:
+            return _Task()
+        packed, need, deps = (record, None, ()) if isinstance(record, int) else record
+        vector = (packed & _LOW_BITS) >> _VECTOR_SHIFT if need is None else -1
+        terminal_type = _TERMINAL_TYPES[packed & 7]
+        return _Task(
+            status=TERMINAL_EVENTS[terminal_type],
+            need=self._vectors[vector] if need is None else need,
+            vector=vector,
+            depends_on=deps,
+            terminal_seq=packed >> _SEQ_SHIFT,
+            terminal_type=terminal_type,
+            completed=bool(packed & _EVER_COMPLETED),
+        )
+
+    def _ever_completed(self, tenant: str, task_id: str) -> bool:
+        task = self._tasks.get((tenant, task_id))
+        if task is not None and task.completed:
+            return True
+        # A record in flight that never completed may shadow an older one that did (a
+        # second TaskSubmitted of one id): completion counts for good, as it did in a set.
+        return self._finished.ever_completed(tenant, id_key(task_id))
 
     def _check_report(self, ev: EventRecord, task: _Task) -> None:
         lease_id = ev.data["lease_id"]
@@ -260,13 +544,15 @@ class InvariantChecker:
                 f"(granted at seq {task.lease.granted_seq}) is still live",
             )
             self._end_lease(key, task)
-        unmet = [d for d in task.depends_on if (ev.tenant, d) not in self._completed]
-        if unmet:
-            self._violate(
-                "dependency_order",
-                ev,
-                f"leased before its dependencies completed: {', '.join(unmet)}",
-            )
+        if task.depends_on:
+            unmet = [d for d in task.depends_on if not self._ever_completed(ev.tenant, d)]
+            task.depends_on = tuple(unmet)  # the met ones can never be unmet again
+            if unmet:
+                self._violate(
+                    "dependency_order",
+                    ev,
+                    f"leased before its dependencies completed: {', '.join(unmet)}",
+                )
         worker_key = (data.get("worker_tenant") or ev.tenant, data["worker_id"])
         task.lease = _Lease(data["lease_id"], worker_key, _time(data["expires_at"]), ev.seq)
         task.status = "leased"
@@ -314,7 +600,7 @@ class InvariantChecker:
         task.status = TERMINAL_EVENTS[ev.type]
         task.terminal_seq, task.terminal_type = ev.seq, ev.type
         if ev.type == "TaskCompleted":
-            self._completed.add(key)
+            task.completed = True
 
     # -- workers ---------------------------------------------------------------------------------
     def _worker_event(self, ev: EventRecord) -> None:
@@ -335,45 +621,50 @@ class InvariantChecker:
 
     # -- mailboxes -------------------------------------------------------------------------------
     def _mailbox_event(self, ev: EventRecord) -> None:
-        box = self._mailboxes.setdefault((ev.tenant, ev.aggregate_id), _Mailbox())
+        key = (ev.tenant, ev.aggregate_id)
         if ev.type == "MessageSent":
+            box = self._mailboxes.get(key)
+            if box is None:
+                box = self._mailboxes[key] = {}
             priority = str(ev.data.get("priority", "medium"))
-            box.messages[ev.data["message_id"]] = _Message(
-                MESSAGE_RANK.get(priority, 1), box.sent, priority
-            )
-            box.sent += 1
+            priority = _PRIORITY_NAMES.get(priority, priority)  # one string a name, not a message
+            box[ev.data["message_id"]] = _Message(MESSAGE_RANK.get(priority, 1), ev.seq, priority)
         elif ev.type == "MessagesDelivered":
+            box = self._mailboxes.get(key) or {}
             self._delivered(ev, box, list(ev.data.get("message_ids") or ()))
+            if not box:
+                self._mailboxes.pop(key, None)
 
     def _delivered(self, ev: EventRecord, box: _Mailbox, ids: list[str]) -> None:
-        waiting = sorted(
-            (m for m in box.messages.items() if not m[1].delivered),
-            key=lambda item: (-item[1].rank, item[1].order),
+        waiting = heapq.nsmallest(
+            len(ids), box.items(), key=lambda item: (-item[1].rank, item[1].seq)
         )
-        expected = [message_id for message_id, _ in waiting[: len(ids)]]
+        expected = [message_id for message_id, _ in waiting]
         if ids != expected:
             problem = self._order_problem(box, ids, expected)
             self._violate("message_order", ev, problem)
         for message_id in ids:
-            message = box.messages.get(message_id)
-            if message is not None:
-                message.delivered = True
+            box.pop(message_id, None)  # delivered: no longer pending, no longer kept
 
     @staticmethod
     def _order_problem(box: _Mailbox, ids: list[str], expected: list[str]) -> str:
         for i, message_id in enumerate(ids):
-            message = box.messages.get(message_id)
-            if message is None:
-                return f"delivered {message_id}, never sent to this mailbox"
-            if message.delivered or message_id in ids[:i]:
+            if message_id in ids[:i]:
                 return f"delivered {message_id} a second time"
+            message = box.get(message_id)
+            if message is None:
+                return (
+                    f"delivered {message_id}, which is not pending in this mailbox "
+                    "(never sent to it, or delivered before)"
+                )
             if i >= len(expected):
                 return f"delivered {len(ids)} messages, {len(expected)} were pending"
             if message_id != expected[i]:
-                ahead = box.messages[expected[i]]
+                ahead = box[expected[i]]
                 return (
-                    f"delivered {message_id} ({message.priority}, #{message.order}) while "
-                    f"{expected[i]} ({ahead.priority}, #{ahead.order}) was due first"
+                    f"delivered {message_id} ({message.priority}, sent at seq {message.seq}) "
+                    f"while {expected[i]} ({ahead.priority}, sent at seq {ahead.seq}) "
+                    "was due first"
                 )
         return "delivery order differs from priority order"
 

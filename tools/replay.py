@@ -77,10 +77,15 @@ def checkpoint_name(tenant: str | None) -> str:
     return "main" if tenant is None else f"tenant:{tenant}"
 
 
-async def head_seq(store: EventStore) -> int:
-    """The stream's last sequence; a typed error when there is no stream."""
+async def head_seq(store: EventStore, subject: str | None = None) -> int:
+    """The stream's last sequence; a typed error when there is no stream.
+
+    With a filter ``subject`` (one tenant's), asked through it
+    (:meth:`EventStore.stream_last_seq`): a user held to that tenant by NATS permissions
+    may not ask for the stream's info.
+    """
     try:
-        return await store.last_seq()
+        return await store.stream_last_seq(subject)
     except nats.js.errors.NotFoundError:
         raise NotFoundError(
             f"no event stream {store.stream} on this server (wrong --namespace or --nats-url?)"
@@ -89,16 +94,23 @@ async def head_seq(store: EventStore) -> int:
         raise UnavailableError(f"JetStream did not answer: {exc!r}") from exc
 
 
-async def seq_at_time(store: EventStore, when: datetime) -> int:
+async def seq_at_time(store: EventStore, when: datetime, subject: str | None = None) -> int:
     """The last stream sequence stored at or before ``when``, to the microsecond (0 if none).
 
     "At or before" is "before ``when`` plus one microsecond": the stream's stored
     time (the server's clock when it stored the message) has nanoseconds, a
     TIME has microseconds. The stored time grows with the sequence, unlike
     ``occurred_at``, which comes from the clocks of several service replicas.
+
+    With a filter ``subject`` (one tenant's), the sequence before the first message *on
+    it* stored after ``when`` (or the head): the same messages of ``subject`` lie at or
+    before it, and a user held to that tenant can ask (docs/decisions.md, "NATS
+    permissions for one tenant"); other tenants' events stored after ``when`` may lie
+    before it too.
     """
-    head = await head_seq(store)
-    after = await seq_at(store, store.subjects.all_events, when + timedelta(microseconds=1))
+    head = await head_seq(store, subject)
+    after = await seq_at(store, subject or store.subjects.all_events,
+                         when + timedelta(microseconds=1))  # fmt: skip
     return head if after is None else min(head, after - 1)
 
 
@@ -236,9 +248,10 @@ async def replay(
             f"{out} exists; pass --force to overwrite it", details={"out": str(out)}
         )
     started = time.perf_counter()
-    head = await head_seq(store)
+    subject = store.subjects.events(tenant) if tenant is not None else None
+    head = await head_seq(store, subject)
     if until is not None:
-        target = await seq_at_time(store, until)
+        target = await seq_at_time(store, until, subject)
     elif until_seq is not None:
         if until_seq > head:
             raise InvalidError(

@@ -319,42 +319,45 @@ async def verify(
     started = time.perf_counter()
     tables = [t for m in default_models() for t in m.tables]
     checker = InvariantChecker()
-    subject = store.subjects.events(tenant) if tenant is not None else None
-    with tempfile.TemporaryDirectory(prefix="pantheon-verify-") as tmp:
-        live = Path(tmp) / "live.db"
-        checkpoint = await asyncio.to_thread(snapshot, db_path, live, tables)
-        head = await head_seq(store)
-        if checkpoint > head:
-            raise ConflictError(
-                f"{db_path} stands at sequence {checkpoint}, past the log's end {head}: "
-                "is it another deployment's database (--namespace, --nats-url)?"
-            )
+    try:
+        subject = store.subjects.events(tenant) if tenant is not None else None
+        with tempfile.TemporaryDirectory(prefix="pantheon-verify-") as tmp:
+            live = Path(tmp) / "live.db"
+            checkpoint = await asyncio.to_thread(snapshot, db_path, live, tables)
+            head = await head_seq(store, subject)
+            if checkpoint > head:
+                raise ConflictError(
+                    f"{db_path} stands at sequence {checkpoint}, past the log's end {head}: "
+                    "is it another deployment's database (--namespace, --nats-url)?"
+                )
 
-        def whole_log(position: int, _target: int) -> None:
-            if progress is not None:
-                progress(position, head)
+            def whole_log(position: int, _target: int) -> None:
+                if progress is not None:
+                    progress(position, head)
 
-        rebuilt = Path(tmp) / "rebuilt.db"
-        await build_read_models(
-            store, rebuilt, checkpoint, tenant=tenant, skip_unknown=skip_unknown,
-            progress=whole_log, sinks=[checker.feed],
+            rebuilt = Path(tmp) / "rebuilt.db"
+            await build_read_models(
+                store, rebuilt, checkpoint, tenant=tenant, skip_unknown=skip_unknown,
+                progress=whole_log, sinks=[checker.feed],
+            )  # fmt: skip
+            diffs = await asyncio.to_thread(compare_databases, live, rebuilt, tables, tenant)
+        await check_log(
+            store, checker, checkpoint + 1, head, subject=subject, skip_unknown=skip_unknown,
+            progress=whole_log,
         )  # fmt: skip
-        diffs = await asyncio.to_thread(compare_databases, live, rebuilt, tables, tenant)
-    await check_log(
-        store, checker, checkpoint + 1, head, subject=subject, skip_unknown=skip_unknown,
-        progress=whole_log,
-    )  # fmt: skip
-    not_checked = dict(NEEDS_EVERY_TENANT) if tenant is not None else {}
-    counts = {k: n for k, n in checker.counts().items() if k not in not_checked}
-    return VerifyReport(
-        db=str(db_path),
-        checkpoint=checkpoint,
-        last_seq=head,
-        events=checker.events,
-        seconds=time.perf_counter() - started,
-        tables=diffs,
-        violations=[v for v in checker.violations if v.invariant not in not_checked],
-        counts=counts,
-        tenant=tenant,
-        not_checked=not_checked,
-    )
+        not_checked = dict(NEEDS_EVERY_TENANT) if tenant is not None else {}
+        counts = {k: n for k, n in checker.counts().items() if k not in not_checked}
+        return VerifyReport(
+            db=str(db_path),
+            checkpoint=checkpoint,
+            last_seq=head,
+            events=checker.events,
+            seconds=time.perf_counter() - started,
+            tables=diffs,
+            violations=[v for v in checker.violations if v.invariant not in not_checked],
+            counts=counts,
+            tenant=tenant,
+            not_checked=not_checked,
+        )
+    finally:
+        checker.close()  # its temporary file of finished tasks
