@@ -77,6 +77,7 @@ from pantheon_es.tasks import (
 )
 from pantheon_es.workers import WORKER, Capacity, LoseWorker, WorkerState, WorkerStatus
 from pantheon_es.workflows import (
+    FAIL_FAST_REASON,
     WORKFLOW,
     CreateWorkflow,
     FinishWorkflow,
@@ -1279,7 +1280,7 @@ class Scheduler:
     def _why_stop(wf: LiveWorkflow) -> str:
         if wf.state.cancel_requested:
             return "workflow cancelled"
-        return "fail_fast: another task of the workflow did not complete"
+        return FAIL_FAST_REASON
 
     def _skip(self, task: LiveTask, wf: LiveWorkflow, dependency: str) -> None:
         node = wf.node_of.get(dependency, dependency)

@@ -46,6 +46,9 @@ NodeName = Annotated[
     str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 ]
 FailurePolicy = Literal["fail_fast", "continue"]
+#: The reason of the TaskCancelled that stops a fail_fast workflow's other tasks
+#: (tools/whatif.py tells these cancellations apart by it).
+FAIL_FAST_REASON = "fail_fast: another task of the workflow did not complete"
 MAX_NODES = 5000
 
 

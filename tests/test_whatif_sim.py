@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pantheon_es.events import EventRecord
 from pantheon_es.placement import Policy, Quota
+from pantheon_es.workflows import FAIL_FAST_REASON
 from tools.whatif import (
     Attempt,
     PolicyFile,
@@ -277,6 +278,41 @@ def test_policy_quotas_merge_running_and_pending_limits() -> None:
     ).to_policy()
     assert policy.quota("a") == Quota(2, 100_000) and policy.quota("b") == Quota(5, 7)
     assert policy.quota("c") == Quota(5, 100_000)
+
+
+def test_a_fail_fast_workflow_cancels_its_waiting_tasks_when_a_task_fails_there() -> None:
+    w = fold([
+        registered(0, "w", cpu=2, slots=2),
+        rec(0, "WorkflowCreated", "wf", {"failure_policy": "fail_fast"}, aggregate="workflow"),
+        submitted(0, "hog1", priority=400),
+        granted(0, "hog1"),
+        submitted(0, "x1", workflow_id="wf"),
+        granted(0, "x1"),
+        submitted(0, "y1", priority=100, workflow_id="wf"),
+        rec(2, "TaskFailed", "x1", {}),
+        rec(2, "TaskCancelled", "y1", {"reason": FAIL_FAST_REASON, "previous_status": "pending"}),
+        rec(10, "TaskCompleted", "hog1", {}),
+    ])  # fmt: skip
+    x, y = w.tasks[("a", "x1")], w.tasks[("a", "y1")]
+    assert x.outcome == "failed" and not x.stopped_by_workflow
+    assert w.fail_fast == {("a", "wf")}
+    assert y.stopped_by_workflow and y.withdrawn is None and y.estimated
+    assert ("a", "y1") in recorded(w).gone
+    # replayed: x fails at 2 and y, still waiting for a slot, is cancelled then
+    out = simulate(w, Policy())
+    assert ("a", "y1") in out.gone and out.finished[("a", "y1")] == 2.0
+    assert ("a", "y1") not in out.first_start and measure(w, out)["not_started"] == 0
+    # a third slot: y runs from the start; x's failure does not stop a running task
+    roomy = replace(w, workers=[replace(w.workers[0], slots=3, capacity={"cpu": 3})])
+    out = simulate(roomy, Policy())
+    assert out.first_start[("a", "y1")] == 0.0 and ("a", "y1") not in out.gone
+    # a task of the workflow created after the failure is cancelled as it arrives
+    late = task("z", 5, 1.0, workflow_id="wf")
+    failing = task("x", 0, 1.0, outcome="failed", workflow_id="wf")
+    w2 = replace(workload([failing, late], [join(0, "w")]), fail_fast={("a", "wf")})
+    out = simulate(w2, Policy())
+    assert late.key in out.gone and late.key not in out.first_start
+    assert late.key in simulate(replace(w2, fail_fast=set()), Policy()).first_start
 
 
 def test_nearest_rank_percentiles() -> None:

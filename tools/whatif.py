@@ -38,6 +38,7 @@ from pantheon_es.placement import Amount, Job, Key, Placement, Policy, Quota
 from pantheon_es.specs import PRIORITY_LEVELS
 from pantheon_es.store import EventStore
 from pantheon_es.workflow_file import read_document
+from pantheon_es.workflows import FAIL_FAST_REASON
 from tools.events import read_records
 
 # -- the policy file -----------------------------------------------------------------------------
@@ -205,6 +206,9 @@ class TaskRecord:
     workflow_id: str | None = None  # a workflow's task is admitted with its workflow
     #: it timed out waiting to start (TaskTimedOut kind schedule_to_start)
     start_timed_out: bool = False
+    #: cancelled before it ran because another task of its fail_fast workflow failed
+    #: (the simulation cancels it when that happens there)
+    stopped_by_workflow: bool = False
     ended: float | None = None  # recorded terminal time
     #: When it left without ever running (cancelled, timed out or skipped while pending).
     withdrawn: float | None = None
@@ -244,6 +248,8 @@ class Workload:
     #: simulation runs that has no recorded attempt)
     medians: dict[str, float] = field(default_factory=dict)
     median: float = 0.0
+    #: (tenant, workflow id) of the workflows whose failure policy is fail_fast
+    fail_fast: set[Key] = field(default_factory=set)
 
     def estimate(self, name: str) -> float:
         return self.medians.get(name, self.median)
@@ -265,6 +271,7 @@ class WorkloadBuilder:
         self.tasks: dict[Key, TaskRecord] = {}
         self.workers: list[WorkerChange] = []
         self._incarnations: dict[Key, str] = {}
+        self.fail_fast: set[Key] = set()
 
     def add(self, record: EventRecord) -> None:
         at = _ts(record.occurred_at)
@@ -279,6 +286,11 @@ class WorkloadBuilder:
             self._task(record, t)
         elif record.aggregate == "worker":
             self._worker(record, t)
+        elif (
+            record.type == "WorkflowCreated"
+            and record.data.get("failure_policy", "fail_fast") == "fail_fast"
+        ):
+            self.fail_fast.add((record.tenant, record.aggregate_id))
 
     def _task(self, r: EventRecord, t: float) -> None:
         key = (r.tenant, r.aggregate_id)
@@ -322,12 +334,19 @@ class WorkloadBuilder:
             if r.type == "TaskTimedOut" and d.get("kind") == "schedule_to_start":
                 # The simulation fires this timeout anew, from when it is ready there.
                 task.start_timed_out = True
+            elif (
+                r.type == "TaskCancelled"
+                and d.get("reason") == FAIL_FAST_REASON
+                and not task.attempts
+                and task.open_since is None
+            ):
+                task.stopped_by_workflow = True  # the simulation stops it when its workflow fails
             elif not task.attempts:
                 task.withdrawn = t
         elif r.type == "TaskRedriven":
             task.outcome = "pending"
             task.ended = task.withdrawn = None
-            task.start_timed_out = False
+            task.start_timed_out = task.stopped_by_workflow = False
             if task.attempts:
                 end = task.ended_attempt_at or t
                 task.attempts[-1].gap = max(t - end, 0.0)
@@ -374,7 +393,7 @@ class WorkloadBuilder:
                 task.estimated = True
         return Workload(
             self.origin, cutoff, self.last_seq, self.events, self.tasks, self.workers,
-            medians, fallback,
+            medians, fallback, self.fail_fast,
         )  # fmt: skip
 
 
@@ -490,6 +509,8 @@ class Simulator:
         #: (tenant, workflow id) -> its tasks in the workload; and the admission verdict
         self._members: dict[Key, list[Key]] = {}
         self._verdicts: dict[Key, str] = {}
+        #: fail_fast workflows that failed in the simulation
+        self._stopped: set[Key] = set()
         self.ready: dict[Key, float] = {}
         self.first_start: dict[Key, float] = {}
         self.runs: list[Run] = []
@@ -539,7 +560,12 @@ class Simulator:
                 return
             self._arrived.add(key)
             self._set_pending(key, True)
-            if key not in self._waiting:
+            workflow = self.w.tasks[key].workflow_id
+            if workflow is not None and (key[0], workflow) in self._stopped:
+                self.gone.add(key)  # its fail_fast workflow failed already
+                self._failed.add(key)
+                self._finish(key, now)
+            elif key not in self._waiting:
                 self._make_ready(key, now)
         elif kind == _READY:
             self._enqueue(key, now)
@@ -555,16 +581,19 @@ class Simulator:
                     self._next_attempt[key] = attempt + 1
                     self._set_pending(key, True)
                     self._push(now + task.attempts[attempt].gap, _READY, key)
+                elif (
+                    task.outcome in _FAILED
+                    and not task.start_timed_out
+                    and not task.stopped_by_workflow
+                ):
+                    self._fail(key, now)
                 else:
-                    if task.outcome in _FAILED and not task.start_timed_out:
-                        self._failed.add(key)
                     self._finish(key, now)
         elif kind == _WITHDRAW:
             if key not in self.first_start and key not in self._done:
                 self.p.remove(key)
                 self.gone.add(key)
-                self._failed.add(key)
-                self._finish(key, now)
+                self._fail(key, now)
         elif kind == _TIMEOUT:
             if (
                 key not in self._done
@@ -576,8 +605,7 @@ class Simulator:
                 self.timed_out.add(key)
                 if key not in self.first_start:
                     self.gone.add(key)
-                self._failed.add(key)
-                self._finish(key, now)
+                self._fail(key, now)
         elif kind == _JOIN:
             change: WorkerChange = payload
             old = self._incarnation.get(key)
@@ -648,10 +676,28 @@ class Simulator:
         recorded_skip = task.outcome == "skipped" and not task.attempts
         if any(d in self._failed for d in deps) or (recorded_skip and not self._revived(deps)):
             self.gone.add(key)
-            self._failed.add(key)
-            self._finish(key, now)
+            self._fail(key, now)
             return
         self._enqueue(key, now)
+
+    def _fail(self, key: Key, now: float) -> None:
+        """``key`` ended without completing: its dependents will be skipped, and a
+        fail_fast workflow cancels its other tasks that have not started (running ones
+        go on: their recorded attempts are replayed whole)."""
+        self._failed.add(key)
+        self._finish(key, now)
+        workflow = self.w.tasks[key].workflow_id
+        group = (key[0], workflow or "")
+        if workflow is None or group not in self.w.fail_fast or group in self._stopped:
+            return
+        self._stopped.add(group)
+        for member in self._members.get(group, ()):
+            if member in self._done or member in self._running or member not in self._arrived:
+                continue  # ended, running, or not created yet (cancelled when it arrives)
+            self.p.remove(member)
+            self.gone.add(member)
+            self._failed.add(member)
+            self._finish(member, now)
 
     def _revived(self, deps: list[Key]) -> bool:
         """A task skipped in the recording runs here if what skipped it is gone: a
@@ -738,7 +784,7 @@ def recorded(workload: Workload) -> Outcome:
         if (
             task.withdrawn is not None
             or task.outcome == "skipped"
-            or (task.start_timed_out and never)
+            or ((task.start_timed_out or task.stopped_by_workflow) and never)
         ):
             gone.add(key)
     return Outcome(ready, first, runs, end, finished, gone, timed_out, None)
