@@ -2049,8 +2049,8 @@ def snapshot(
             "--tenant",
             envvar="PANTHEON_TENANT",
             metavar="'*'",
-            help="Only '*': a snapshot holds every tenant. Another tenant, here or in "
-            "PANTHEON_TENANT, is refused (exit 2).",
+            help="Only '*': a snapshot holds every tenant. Another tenant named here is "
+            "refused (exit 2); one in PANTHEON_TENANT is ignored, with a note.",
         ),
     ] = "*",
     root: Root = "pantheon",
@@ -2060,19 +2060,21 @@ def snapshot(
     Copies the read models of the node on --data-dir at their checkpoint, while it runs.
     A node starting with no read models (or far behind) restores the newest snapshot
     and replays only the rest of the log. Never appends to the event log.
-    A snapshot always covers every tenant: a node restores it whole, so a tenant
-    (--tenant or PANTHEON_TENANT) is refused with exit code 2 rather than ignored.
+    A snapshot always covers every tenant: a node restores it whole, so --tenant T is
+    refused with exit code 2 rather than ignored (PANTHEON_TENANT, often set for everyday
+    use, is ignored with a note on stderr).
     """
     from tools.snapshot import snapshot as make
 
     if tenant != "*":
-        from_env = getattr(ctx.get_parameter_source("tenant"), "name", "") == "ENVIRONMENT"
-        given = " (from PANTHEON_TENANT)" if from_env else ""
-        raise typer.BadParameter(
-            f"a snapshot holds every tenant's read models (a node restores it whole), so it "
-            f"cannot be narrowed to tenant {tenant!r}{given}; pass --tenant '*'",
-            param_hint="--tenant",
-        )
+        if getattr(ctx.get_parameter_source("tenant"), "name", "") == "ENVIRONMENT":
+            err.print(f"note: PANTHEON_TENANT={tenant} ignored: a snapshot holds every tenant")
+        else:
+            raise typer.BadParameter(
+                f"a snapshot holds every tenant's read models (a node restores it whole), so "
+                f"it cannot be narrowed to tenant {tenant!r}; pass --tenant '*'",
+                param_hint="--tenant",
+            )
     logs.configure("warning")
     with err.status("snapshot", spinner="dots") as status:
         result = _run(

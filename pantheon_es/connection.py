@@ -154,7 +154,9 @@ class Connection(Client):
                 ),
                 **{("subscription", w.lower()): w for w in watch},
             }
-            refused.extend(self.denials)  # the reply inbox may have been refused earlier
+            # The reply inbox may have been refused earlier (a subscription is refused once,
+            # when made); an earlier refused publish was another request's, not this one's.
+            refused.extend(d for d in self.denials if d[0] == "subscription")
             loop = asyncio.get_running_loop()
             request = loop.create_task(self.request(subject, payload, timeout=timeout))
             try:

@@ -90,6 +90,8 @@ from projections.tasks import LIVE_ROWS_FROM as TASKS_LIVE_ROWS
 from projections.workflows import LIVE_CONDITION as WORKFLOWS_LIVE
 
 log = structlog.get_logger(__name__)
+#: Pauses between tries when a redrive's read-back or append fails (about 19 s in all).
+_RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0)
 
 Key = tuple[str, str]  # (tenant, id)
 
@@ -783,17 +785,32 @@ class Scheduler:
 
     async def _read_fresh(
         self, tenant: str, aggregate: str, aggregate_id: str, seen: dict[Key, int]
-    ) -> list[StoredEvent]:
+    ) -> list[StoredEvent] | None:
         """An aggregate's history, read until it reaches what the feed showed of it
-        (``seen``): a direct get answered by a replica may lag a little."""
+        (``seen``): a direct get answered by a replica may lag a little. Errors and a
+        history that stays behind are retried with a growing pause (``_RETRY_DELAYS``);
+        None (logged) if it never comes: the caller leaves it to the next start."""
         key = (tenant, aggregate_id)
-        history: list[StoredEvent] = []
-        for _ in range(50):
-            history = await self.service.store.read_aggregate(tenant, aggregate, aggregate_id)
-            if history and history[-1].seq >= seen.get(key, 0):
+        for delay in (*_RETRY_DELAYS, None):
+            try:
+                for _ in range(50):
+                    history = await self.service.store.read_aggregate(
+                        tenant, aggregate, aggregate_id
+                    )
+                    if history and history[-1].seq >= seen.get(key, 0):
+                        return history
+                    await asyncio.sleep(0.02)
+                problem = f"its history stops before sequence {seen.get(key, 0)}"
+            except PantheonError as err:
+                problem = err.message
+            if delay is None or not self.active:
                 break
-            await asyncio.sleep(0.02)
-        return history
+            log.warning("history not read back yet; retrying", aggregate=aggregate,
+                        id=aggregate_id, problem=problem, retry_in_s=delay)  # fmt: skip
+            await asyncio.sleep(delay)
+        log.error("history not read back: left to the next start", aggregate=aggregate,
+                  id=aggregate_id, problem=problem)  # fmt: skip
+        return None
 
     def _make_pending(self, task: LiveTask) -> None:
         """The task is pending: placeable now, or once its retry is due."""
@@ -1359,6 +1376,8 @@ class Scheduler:
             while True:
                 seen = self._loading_seen
                 history = await self._read_fresh(tenant, "workflow", workflow_id, seen)
+                if not history:
+                    return
                 state = WORKFLOW.fold([h.event for h in history])
                 redriven = next(
                     (h.event.data for h in reversed(history)
@@ -1433,8 +1452,21 @@ class Scheduler:
                 reason=wf.redrive_reason or "workflow redriven",
                 waiting_for=[d for d in node.depends_on if wf.outcome.get(d) != "completed"],
             )
-            async with gate:
-                result = await self._execute(wf.tenant, command, None)
+            for delay in (*_RETRY_DELAYS, None):
+                async with gate:
+                    result = await self._execute(wf.tenant, command, None)
+                if (
+                    result is not None
+                    or delay is None
+                    or not self.active
+                    or self.workflows.get(key) is not wf
+                    or node.task_id not in wf.redriving
+                ):
+                    break
+                await asyncio.sleep(delay)  # refused or failed (logged): try again
+            if result is None and self.active and node.task_id in wf.redriving:
+                log.error("workflow node not brought back: left to the next start",
+                          workflow_id=wf.state.workflow_id, task_id=node.task_id)  # fmt: skip
             if (
                 result is not None
                 and result.get("archived")
