@@ -96,6 +96,14 @@ _RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0)
 Key = tuple[str, str]  # (tenant, id)
 
 
+def _last_result(history: list[StoredEvent]) -> Any:
+    """The result of a task's last ``TaskCompleted`` in its history (None if none)."""
+    for h in reversed(history):
+        if isinstance(h.event.data, TaskCompleted):
+            return h.event.data.result
+    return None
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     lease_ttl: float = 30.0
@@ -774,12 +782,7 @@ class Scheduler:
                 self._wake.set()
             elif wf is not None and task_id in wf.node_of and task_id not in wf.outcome:
                 # ended before it was read back: the feed's copy of its end found no task
-                result = next(
-                    (h.event.data.result for h in reversed(history)
-                     if isinstance(h.event.data, TaskCompleted)),
-                    None,
-                )  # fmt: skip
-                self._node_outcome(wf, task_id, state.status.value, result)
+                self._node_outcome(wf, task_id, state.status.value, _last_result(history))
         finally:
             self._adopting.pop(key, None)
 
@@ -1417,10 +1420,8 @@ class Scheduler:
         async def one(task_id: str) -> None:
             async with gate:
                 history = await self.service.store.read_aggregate(tenant, "task", task_id)
-            for h in reversed(history):
-                if isinstance(h.event.data, TaskCompleted):
-                    out[task_id] = h.event.data.result
-                    return
+            if any(isinstance(h.event.data, TaskCompleted) for h in history):
+                out[task_id] = _last_result(history)
 
         await asyncio.gather(*(one(t) for t in task_ids))
         return out
