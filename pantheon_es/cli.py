@@ -1632,14 +1632,15 @@ def _tenant_scope(ctx: typer.Context, tenant: str, command: str) -> str | None:
     A tenant taken from PANTHEON_TENANT is said on stderr, so that nobody reads a
     one-tenant check as the whole system's.
     """
-    from pantheon_es.subjects import check_token
+    from pantheon_es.errors import InvalidError
+    from tools.replay import check_tenant
 
     if tenant == "*":
         return None
     try:
-        check_token("tenant", tenant)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--tenant") from None
+        check_tenant(tenant)
+    except InvalidError as error:
+        raise typer.BadParameter(error.message, param_hint="--tenant") from None
     source = ctx.get_parameter_source("tenant")
     if source is not None and source.name == "ENVIRONMENT":
         err.print(

@@ -27,7 +27,7 @@ import itertools
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import nats.errors
 import nats.js.errors
@@ -457,7 +457,7 @@ class EventStore:
                 raise _forbidden_read(exc, self.stream, self.subjects.all_events) from None
             info: dict[str, Any] = orjson.loads(msg.data)
             if info.get("error"):
-                nats.js.errors.APIError.from_error(info["error"])
+                _raise_api_error(info["error"])
             return int((info.get("state") or {}).get("last_seq") or 0)
         reply = await self._create_consumer(
             {
@@ -1086,9 +1086,15 @@ async def create_consumer(
     reply: dict[str, Any] = orjson.loads(msg.data)
     error = reply.get("error")
     if error:
-        nats.js.errors.APIError.from_error(error)  # raises the matching nats-py error
-        raise nats.js.errors.APIError(**error)  # (from_error always raises)
+        _raise_api_error(error)
     return reply
+
+
+def _raise_api_error(error: dict[str, Any]) -> NoReturn:
+    """Raise the nats-py error of a JetStream API reply's ``error`` (``from_error``
+    always raises; the last line only tells the type checker so)."""
+    nats.js.errors.APIError.from_error(error)
+    raise nats.js.errors.APIError(**error)
 
 
 def _forbidden_read(exc: ForbiddenError, stream: str, subject: str) -> ForbiddenError:

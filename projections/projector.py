@@ -213,6 +213,17 @@ class Projector:
             await self._provision_bucket()
             await self._resync_kv()
 
+    def set_position(self, seq: int) -> None:
+        """Record that the read models stand at ``seq`` without applying an event (a
+        one-tenant rebuild that read past other tenants' events up to it)."""
+        assert self.db is not None, "open() first"
+        self.db.execute(
+            "INSERT INTO projector_checkpoint (name, last_seq, kv_seq) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
+            (self.name, seq, self.kv_position),
+        )
+        self.position = seq
+
     def _migrate(self, db: sqlite3.Connection) -> None:
         """Read models whose tables changed shape are rebuilt from the log (docs/decisions.md)."""
         digest = schema_digest(self._tables)

@@ -109,8 +109,9 @@ async def seq_at_time(store: EventStore, when: datetime, subject: str | None = N
     before it too.
     """
     head = await head_seq(store, subject)
-    after = await seq_at(store, subject or store.subjects.all_events,
-                         when + timedelta(microseconds=1))  # fmt: skip
+    after = await seq_at(
+        store, subject or store.subjects.all_events, when + timedelta(microseconds=1)
+    )
     return head if after is None else min(head, after - 1)
 
 
@@ -192,12 +193,7 @@ async def _catch_up_tenant(
                 if progress is not None:
                     progress(position, until_seq)
         # The state after until_seq, whether or not its last event was this tenant's.
-        db.execute(
-            "INSERT INTO projector_checkpoint (name, last_seq, kv_seq) VALUES (?, ?, 0)"
-            " ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
-            (projector.name, until_seq),
-        )
-        projector.position = until_seq
+        projector.set_position(until_seq)
     finally:
         db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
     return until_seq
