@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import nats.errors
 import orjson
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from pantheon_es import connection, ids
 from pantheon_es.bulk import CommandBatcher
@@ -198,9 +199,15 @@ class PantheonClient:
         await self.close()
 
     async def request(self, subject: str, body: dict[str, Any] | bytes) -> dict[str, Any]:
+        """Send a command or query and return its result.
+
+        Raises:
+            PantheonError: the reply's typed error; ``unavailable`` without a reply;
+                ``forbidden`` at once when NATS permissions refuse the request.
+        """
         data = body if isinstance(body, bytes) else orjson.dumps(body)
         try:
-            msg = await self.nc.request(subject, data, timeout=self.timeout)
+            msg = await self._request(subject, data, self.timeout)
         except nats.errors.NoRespondersError:
             raise UnavailableError(f"nothing serves {subject}: is `pantheon up` running?") from None
         except nats.errors.TimeoutError:
@@ -209,6 +216,54 @@ class PantheonClient:
         if reply.get("ok"):
             return dict(reply.get("result") or {})
         raise error_from_reply(reply.get("error") or {})
+
+    async def _request(self, subject: str, data: bytes, timeout: float) -> Msg:
+        """``nc.request``, but a refusal by the server's permissions is ``forbidden`` as soon
+        as the server says so, not a timeout (on a :class:`~pantheon_es.connection.Connection`;
+        docs/operations.md, "NATS permissions for one tenant")."""
+        if not isinstance(self.nc, connection.Connection):
+            return await self.nc.request(subject, data, timeout=timeout)
+        try:
+            return await self.nc.request_checked(subject, data, timeout=timeout)
+        except ForbiddenError as exc:
+            why = exc.message
+            if (exc.details or {}).get("subject") == subject:  # not its inbox: the request
+                why = (
+                    "the server refused the publish (a user held to tenant T may send T's "
+                    'commands and queries only; docs/operations.md, "NATS permissions for '
+                    'one tenant")'
+                )
+            raise ForbiddenError(
+                f"NATS permissions do not let this user send {subject}: {why}",
+                details=exc.details,
+            ) from None
+
+    @contextlib.contextmanager
+    def _refused_subscriptions(
+        self, subjects: list[str], wake: asyncio.Event
+    ) -> Iterator[list[ForbiddenError]]:
+        """While inside, the server's refusals of subscriptions to ``subjects`` (the notices
+        a wait listens to) are collected in the list yielded, and set ``wake``."""
+        refused: list[ForbiddenError] = []
+        nc = self.nc
+        if not isinstance(nc, connection.Connection):
+            yield refused
+            return
+        lowered = {s.lower(): s for s in subjects}
+
+        def denied(what: str, subject: str) -> None:
+            if what == "subscription" and subject in lowered:
+                refused.append(
+                    ForbiddenError(
+                        "NATS permissions do not let this user receive the notices on "
+                        f"{lowered[subject]}: the server refused it a subscription",
+                        details={"refused": what, "subject": lowered[subject]},
+                    )
+                )
+                wake.set()
+
+        with nc.on_denied(denied):
+            yield refused
 
     async def command(self, aggregate: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
         subject = self.subjects.command(self.tenant, aggregate, verb)
@@ -329,10 +384,10 @@ class PantheonClient:
         task = await self.get_task(task_id)
         live: dict[str, Any] | None
         try:
-            msg = await self.nc.request(
+            msg = await self._request(
                 self.subjects.scheduler(self.tenant, "why"),
                 orjson.dumps({"task_id": task_id}),
-                timeout=timeout,
+                timeout,
             )
             reply = orjson.loads(msg.data)
             live = reply.get("result") if reply.get("ok") else None
@@ -379,35 +434,41 @@ class PantheonClient:
         settle: float = 0.0,
     ) -> dict[str, Any]:
         """``read()`` until ``done`` says so, woken by committed-event notices on ``subjects``
-        (and every ``recheck`` seconds; ``settle``: let a burst of notices pass first)."""
+        (and every ``recheck`` seconds; ``settle``: let a burst of notices pass first).
+        A refused subscription to the notices is ``forbidden`` (unless already done)."""
         wake = asyncio.Event()
 
         async def on_notice(_msg: Any) -> None:
             wake.set()
 
-        subs = [await self.nc.subscribe(subject, cb=on_notice) for subject in subjects]
+        subs: list[Any] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        try:
-            while True:
-                wake.clear()
-                state = await read()
-                if done(state):
-                    return state
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise UnavailableError(
-                        f"{what} still {state['status']} after {timeout}s", retry_after=1.0
-                    )
-                wait = remaining if recheck is None else min(remaining, recheck)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
-                if settle:
-                    await asyncio.sleep(settle)
-        finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        with self._refused_subscriptions(subjects, wake) as refused:
+            try:
+                for subject in subjects:
+                    subs.append(await self.nc.subscribe(subject, cb=on_notice))
+                while True:
+                    wake.clear()
+                    state = await read()
+                    if done(state):
+                        return state
+                    if refused:
+                        raise refused[0]
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise UnavailableError(
+                            f"{what} still {state['status']} after {timeout}s", retry_after=1.0
+                        )
+                    wait = remaining if recheck is None else min(remaining, recheck)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), wait)
+                    if settle and not refused:
+                        await asyncio.sleep(settle)
+            finally:
+                for sub in subs:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
 
     async def cancel_task(self, task_id: str, reason: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"task_id": task_id}
@@ -572,23 +633,27 @@ class PantheonClient:
         async def on_notice(msg: Any) -> None:
             arrived.set()
 
-        sub = await self.nc.subscribe(subject, cb=on_notice) if wait else None
-        try:
-            deadline = asyncio.get_running_loop().time() + (wait or 0)
-            while True:
-                arrived.clear()
-                result = await self.command(
-                    "mailbox", "receive", {"agent_id": agent_id, "max": max, "ack": ack}
-                )
-                messages: list[dict[str, Any]] = result["messages"]
-                remaining = deadline - asyncio.get_running_loop().time()
-                if messages or not wait or remaining <= 0:
-                    return messages
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), remaining)
-        finally:
-            if sub is not None:
-                await sub.unsubscribe()
+        with self._refused_subscriptions([subject], arrived) as refused:
+            sub = await self.nc.subscribe(subject, cb=on_notice) if wait else None
+            try:
+                deadline = asyncio.get_running_loop().time() + (wait or 0)
+                while True:
+                    arrived.clear()
+                    result = await self.command(
+                        "mailbox", "receive", {"agent_id": agent_id, "max": max, "ack": ack}
+                    )
+                    messages: list[dict[str, Any]] = result["messages"]
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if messages or not wait or remaining <= 0:
+                        return messages
+                    if refused:
+                        raise refused[0]
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(arrived.wait(), remaining)
+            finally:
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
 
     async def ack_messages(self, agent_id: str, message_ids: list[str]) -> dict[str, Any]:
         return await self.command(

@@ -25,9 +25,10 @@ says so in an ``-ERR`` (nats-py hands it to ``_process_err``, lowercased); a req
 then simply gets no reply. :meth:`Connection.request_checked` and
 :meth:`Connection.on_denied` turn such a refusal into a ``forbidden`` error at once
 instead of a timeout (docs/decisions.md, "NATS permissions for one tenant"). They
-rely on ``Client._process_err(err_msg)`` and on the reply inbox of nats-py's
-requests (``_resp_sub_prefix``, made by ``_init_request_sub``);
-tests/test_tenant_permissions.py fails if those change.
+rely on ``Client._process_err(err_msg)`` and on the reply machinery of nats-py's
+requests (the inbox ``_resp_sub_prefix`` made by ``_init_request_sub``, the futures
+of ``_resp_map`` by token, ``_nuid``); tests/test_connection.py and
+tests/test_tenant_permissions.py fail if those change.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from secrets import token_hex
 from typing import Any
 
 import nats.errors
@@ -70,6 +72,14 @@ def denial_of(err_msg: str) -> tuple[str, str] | None:
     start = err_msg.find('"')
     end = err_msg.find('"', start + 1)
     return what, err_msg[start + 1 : end] if 0 <= start < end else ""
+
+
+def _refusal(what: str, subject: str) -> ForbiddenError:
+    hint = _INBOX_HINT if what == "subscription" else ""
+    return ForbiddenError(
+        f"the server refused it a {what} to {subject}{hint}",
+        details={"refused": what, "subject": subject},
+    )
 
 
 class Connection(Client):
@@ -130,54 +140,59 @@ class Connection(Client):
         subscription the answer depends on) raises :class:`ForbiddenError` as soon as
         the server says so, instead of a timeout.
 
+        nats-py's new-style request, with the refusal failing the reply's future: no
+        task and no wait beyond nats-py's own, so commands and queries take this path
+        too (docs/decisions.md, "Commands and queries of a tenant's user").
+
         Raises:
             ForbiddenError: naming what was refused.
             nats.errors.TimeoutError: no reply within ``timeout``.
+            nats.errors.NoRespondersError: nothing subscribes to ``subject``.
         """
-        refused: list[tuple[str, str]] = []
-        woken: asyncio.Future[None] | None = None
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if not self._resp_sub_prefix:
+            await self._init_request_sub()  # nats-py's own, lazily made by request()
+        assert self._resp_sub_prefix is not None
+        prefix = self._resp_sub_prefix.decode()
+        watched = tuple(watch)
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
 
         def denied(what: str, denied_subject: str) -> None:
-            refused.append((what, denied_subject))
-            if woken is not None and not woken.done():
-                woken.set_result(None)
-
-        with self.on_denied(denied):
-            if not self._resp_sub_prefix:
-                await self._init_request_sub()  # nats-py's own, lazily made by request()
-            assert self._resp_sub_prefix is not None
             # (what, subject as nats-py passes it on: lowercase) -> the subject as given
-            keys = {
-                ("publish", subject.lower()): subject,
-                ("subscription", (self._resp_sub_prefix.decode() + "*").lower()): (
-                    self._resp_sub_prefix.decode() + "*"
-                ),
-                **{("subscription", w.lower()): w for w in watch},
-            }
-            # The reply inbox may have been refused earlier (a subscription is refused once,
-            # when made); an earlier refused publish was another request's, not this one's.
-            refused.extend(d for d in self.denials if d[0] == "subscription")
-            loop = asyncio.get_running_loop()
-            request = loop.create_task(self.request(subject, payload, timeout=timeout))
+            if what == "publish":
+                name = subject if denied_subject == subject.lower() else None
+            elif denied_subject == (prefix + "*").lower():
+                name = prefix + "*"
+            else:
+                name = next((w for w in watched if w.lower() == denied_subject), None)
+            if name is not None and not future.done():
+                future.set_exception(_refusal(what, name))
+
+        # The reply inbox may have been refused earlier (a subscription is refused once,
+        # when made); an earlier refused publish was another request's, not this one's.
+        for what, denied_subject in self.denials:
+            if what == "subscription":
+                denied(what, denied_subject)
+        if future.done():
+            future.result()  # raises the refusal
+        token = self._nuid.next()
+        token.extend(token_hex(2).encode())
+        key = token.decode()
+        self._resp_map[key] = future
+        self._denial_handlers.add(denied)
+        try:
+            await self.publish(subject, payload, reply=prefix + key)
             try:
-                while True:
-                    hit = next((r for r in refused if r in keys), None)
-                    if hit is not None:
-                        what, name = hit[0], keys[hit]
-                        hint = _INBOX_HINT if what == "subscription" else ""
-                        raise ForbiddenError(
-                            f"the server refused it a {what} to {name}{hint}",
-                            details={"refused": what, "subject": name},
-                        )
-                    if request.done():
-                        return request.result()
-                    woken = loop.create_future()
-                    await asyncio.wait((request, woken), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not request.done():
-                    request.cancel()
-                elif not request.cancelled():
-                    request.exception()  # retrieved: a refusal was raised instead
+                msg = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        finally:
+            self._denial_handlers.discard(denied)
+            self._resp_map.pop(key, None)
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg
 
     def publish_now(self, subject: str, payload: bytes) -> None:
         """Publish ``payload`` (no reply subject, no headers) and hand it to the socket at

@@ -104,6 +104,7 @@ class Node:
         self.leadership: Leadership | None = None
         self._stop = asyncio.Event()
         self._started = False
+        self._shutting_down: asyncio.Future[None] | None = None  # the one shutdown
 
     @property
     def projector(self) -> Projector | None:
@@ -330,8 +331,15 @@ class Node:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop everything in reverse order. Idempotent."""
+        """Stop everything in reverse order. Idempotent and safe to call concurrently
+        (``run()`` shuts down when stopped, and its owner may too): every caller waits
+        for the one shutdown, which a cancelled caller does not cut short."""
         self._stop.set()
+        if self._shutting_down is None:
+            self._shutting_down = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._shutting_down)
+
+    async def _shutdown(self) -> None:
         if self.children is not None:  # workers first: they hand back leases through the service
             workers = [n for n in self.children.procs if n != "read-side"]
             await self.children.stop(workers)

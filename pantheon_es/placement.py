@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -191,6 +191,11 @@ class Job:
         return self.priority + aging * max(0.0, now - self.since)
 
 
+def serves(tenants: Collection[str], tenant: str) -> bool:
+    """Whether a worker registered with ``tenants`` takes ``tenant``'s work ("*": all)."""
+    return tenant in tenants or "*" in tenants
+
+
 @dataclass(eq=False, slots=True)
 class Slot:
     """A worker as the policy sees it."""
@@ -207,7 +212,7 @@ class Slot:
     jobs: set[Key] = field(default_factory=set)
 
     def serves(self, tenant: str) -> bool:
-        return tenant in self.tenants or "*" in self.tenants
+        return serves(self.tenants, tenant)
 
 
 @dataclass(frozen=True, slots=True)

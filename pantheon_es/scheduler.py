@@ -90,7 +90,8 @@ from projections.tasks import LIVE_ROWS_FROM as TASKS_LIVE_ROWS
 from projections.workflows import LIVE_CONDITION as WORKFLOWS_LIVE
 
 log = structlog.get_logger(__name__)
-#: Pauses between tries when a redrive's read-back or append fails (about 19 s in all).
+#: Pauses between tries when a redrive's read-back or append fails (about 19 s in all);
+#: tests shorten them.
 _RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0)
 
 Key = tuple[str, str]  # (tenant, id)
@@ -346,6 +347,7 @@ class Scheduler:
         self._outbox: dict[str, list[dict[str, Any]]] = {}
         self._slots = asyncio.Semaphore(self.config.max_inflight)
         self._stopping = False
+        self._stopped = asyncio.Event()  # set by shutdown: cuts a retry's pause short
         #: tenant -> ids of its pending tasks (placeable, parked or waiting for a retry)
         self._pending: dict[str, set[str]] = {}
         #: tenant -> monotonic times of recent lease grants (for retry_after estimates)
@@ -360,6 +362,10 @@ class Scheduler:
         #: and the last sequence the feed showed of each meanwhile
         self._loading: dict[Key, asyncio.Event] = {}
         self._loading_seen: dict[Key, int] = {}
+        #: redriven workflows and tasks whose read-back failed (a standby tries once):
+        #: the last sequence the feed showed of each since; read again on gaining the lead
+        self._unread_workflows: dict[Key, int] = {}
+        self._unread_tasks: dict[Key, int] = {}
 
     # -- start-up ------------------------------------------------------------------------------
     def bootstrap(self, db: Any, position: int, head: int) -> None:
@@ -614,6 +620,7 @@ class Scheduler:
 
     async def shutdown(self) -> None:
         self._stopping = True
+        self._stopped.set()
         self._wake.set()
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=10)
@@ -668,8 +675,11 @@ class Scheduler:
             if key in self._adopting:  # being read back: the read must cover this event
                 self._adopting[key] = record.seq
             elif record.type == "TaskRedriven":  # from the dead-letter queue, or its workflow's
+                self._unread_tasks.pop(key, None)
                 self._adopting[key] = record.seq
                 self._spawn(self._adopt(record.tenant, record.aggregate_id))
+            elif key in self._unread_tasks:  # its read-back failed: the next must cover this
+                self._unread_tasks[key] = record.seq
             return  # finished (not live)
         if record.seq <= task.seq:
             return  # a decision of ours already applied
@@ -765,10 +775,18 @@ class Scheduler:
         try:
             while True:
                 history = await self._read_fresh(tenant, "task", task_id, self._adopting)
-                if not history or key in self.tasks:
+                if history is None:  # logged; read again when this node (next) gains the lead
+                    self._unread_tasks[key] = self._adopting.get(key, 0)
+                    return
+                if key in self.tasks:
                     return
                 state = TASK.fold([h.event for h in history])
                 if state is None:
+                    return
+                if (tenant, state.workflow_id or "") in self._unread_workflows:
+                    # Its workflow is not held (not read back): read it after the workflow,
+                    # as its node, when this node (next) gains the lead.
+                    self._unread_tasks[key] = history[-1].seq
                     return
                 loading = self._loading.get((tenant, state.workflow_id or ""))
                 if loading is None:
@@ -806,14 +824,27 @@ class Scheduler:
                 problem = f"its history stops before sequence {seen.get(key, 0)}"
             except PantheonError as err:
                 problem = err.message
-            if delay is None or not self.active:
+            except nats.errors.Error as err:  # the connection's own (closed, buffer full)
+                problem = repr(err)
+            if delay is None or not self.active or self._stopping:
                 break
             log.warning("history not read back yet; retrying", aggregate=aggregate,
                         id=aggregate_id, problem=problem, retry_in_s=delay)  # fmt: skip
-            await asyncio.sleep(delay)
-        log.error("history not read back: left to the next start", aggregate=aggregate,
-                  id=aggregate_id, problem=problem)  # fmt: skip
+            await self._pause(delay)
+        if self._stopping:
+            pass
+        elif self.active:
+            log.error("history not read back: left to the next start", aggregate=aggregate,
+                      id=aggregate_id, problem=problem)  # fmt: skip
+        else:  # a standby (or a leader that lost the lead) tries once
+            log.warning("history not read back: read again if this node leads",
+                        aggregate=aggregate, id=aggregate_id, problem=problem)  # fmt: skip
         return None
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait before a retry; a shutdown cuts it short (it does not wait for a retry)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
 
     def _make_pending(self, task: LiveTask) -> None:
         """The task is pending: placeable now, or once its retry is due."""
@@ -1209,9 +1240,14 @@ class Scheduler:
             if wf is None or record.seq > wf.seq:
                 # Finished, so not in the live set: its graph is read back from the log.
                 self.workflows.pop(key, None)
-                self._loading[key] = asyncio.Event()
-                self._loading_seen[key] = record.seq
-                self._spawn(self._reload_workflow(record.tenant, record.aggregate_id))
+                self._unread_workflows.pop(key, None)
+                self._load_workflow(key, record.seq)
+            return
+        if key in self._unread_workflows:  # its read-back failed: the next must cover this
+            if record.type == "WorkflowFinished":  # finished by the leader: nothing to read
+                del self._unread_workflows[key]
+            else:
+                self._unread_workflows[key] = record.seq
             return
         if wf is None or record.seq <= wf.seq:
             return
@@ -1223,8 +1259,25 @@ class Scheduler:
             self._stop_workflow(wf, except_downstream_of=None)
             self._check_finished(wf)
 
+    def _load_workflow(self, key: Key, seen: int) -> None:
+        """Read a redriven workflow back from the log (up to ``seen`` at least)."""
+        self._loading[key] = asyncio.Event()
+        self._loading_seen[key] = seen
+        self._spawn(self._reload_workflow(*key))
+
     def _resume_workflows(self) -> None:
-        """After start-up: finish creating tasks, and finish workflows whose nodes all ended."""
+        """After start-up or on gaining the lead: read back what failed to be read back
+        (a standby tries once), finish creating tasks, and finish workflows whose nodes
+        all ended."""
+        unread_workflows, self._unread_workflows = self._unread_workflows, {}
+        for key, seen in unread_workflows.items():
+            if key not in self._loading and key not in self.workflows:
+                self._load_workflow(key, seen)
+        unread_tasks, self._unread_tasks = self._unread_tasks, {}
+        for key, seen in unread_tasks.items():  # after the workflows: they wait for them
+            if key not in self._adopting and key not in self.tasks:
+                self._adopting[key] = seen
+                self._spawn(self._adopt(*key))
         for (tenant, wf_id), wf in list(self.workflows.items()):
             if wf.state.status == "created":
                 self._spawn(self._materialize(tenant, wf_id))
@@ -1252,8 +1305,8 @@ class Scheduler:
         restart it is read from the log.
         """
         if created is None:
-            history = await self.service.store.read_aggregate(tenant, "workflow", workflow_id)
-            if not history:
+            history = await self._read_fresh(tenant, "workflow", workflow_id, {})
+            if history is None:  # logged; it stays created: the next start or leader goes on
                 return
             created = history[0].event
 
@@ -1379,7 +1432,8 @@ class Scheduler:
             while True:
                 seen = self._loading_seen
                 history = await self._read_fresh(tenant, "workflow", workflow_id, seen)
-                if not history:
+                if history is None:  # logged; read again when this node (next) gains the lead
+                    self._unread_workflows[key] = self._loading_seen.get(key, 0)
                     return
                 state = WORKFLOW.fold([h.event for h in history])
                 redriven = next(
@@ -1395,7 +1449,11 @@ class Scheduler:
                     if task_id not in again:
                         wf.outcome[task_id] = "completed"
                 needed = {d for t in again for d in wf.deps.get(t, ()) if d not in again}
-                wf.results = await self._results(tenant, needed)
+                results = await self._results(tenant, needed)
+                if results is None:  # logged; read again when this node (next) gains the lead
+                    self._unread_workflows[key] = self._loading_seen.get(key, 0)
+                    return
+                wf.results = results
                 wf.redriving = again
                 wf.redrive_reason = redriven.reason
                 if self._loading_seen.get(key, 0) <= wf.seq:
@@ -1412,19 +1470,23 @@ class Scheduler:
         if wf is not None and self.active and self._resumed:
             self._redrive_nodes(wf)
 
-    async def _results(self, tenant: str, task_ids: set[str]) -> dict[str, Any]:
-        """The results of completed tasks, from their ``TaskCompleted`` in the log."""
+    async def _results(self, tenant: str, task_ids: set[str]) -> dict[str, Any] | None:
+        """The results of completed tasks, from their ``TaskCompleted`` in the log; None
+        if a history was not read back (retried as any read-back, then logged)."""
         gate = asyncio.Semaphore(16)
         out: dict[str, Any] = {}
+        unread: list[str] = []
 
         async def one(task_id: str) -> None:
             async with gate:
-                history = await self.service.store.read_aggregate(tenant, "task", task_id)
-            if any(isinstance(h.event.data, TaskCompleted) for h in history):
+                history = await self._read_fresh(tenant, "task", task_id, {})
+            if history is None:
+                unread.append(task_id)
+            elif any(isinstance(h.event.data, TaskCompleted) for h in history):
                 out[task_id] = _last_result(history)
 
         await asyncio.gather(*(one(t) for t in task_ids))
-        return out
+        return None if unread else out
 
     def _redrive_nodes(self, wf: LiveWorkflow) -> None:
         """Bring back the redrive's nodes not seen back yet, dependencies first (the
@@ -1460,12 +1522,23 @@ class Scheduler:
                     result is not None
                     or delay is None
                     or not self.active
+                    or self._stopping
                     or self.workflows.get(key) is not wf
                     or node.task_id not in wf.redriving
                 ):
                     break
-                await asyncio.sleep(delay)  # refused or failed (logged): try again
-            if result is None and self.active and node.task_id in wf.redriving:
+                # refused or failed (the refusal is logged by _execute): try again
+                log.warning("workflow node not brought back yet; retrying",
+                            workflow_id=wf.state.workflow_id, task_id=node.task_id,
+                            retry_in_s=delay)  # fmt: skip
+                await self._pause(delay)
+            if (
+                result is None
+                and self.active
+                and not self._stopping
+                and self.workflows.get(key) is wf
+                and node.task_id in wf.redriving
+            ):
                 log.error("workflow node not brought back: left to the next start",
                           workflow_id=wf.state.workflow_id, task_id=node.task_id)  # fmt: skip
             if (

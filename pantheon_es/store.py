@@ -1101,7 +1101,7 @@ def _forbidden_read(exc: ForbiddenError, stream: str, subject: str) -> Forbidden
     """A refusal said as what it stops: reading ``subject`` of ``stream``."""
     return ForbiddenError(
         f"NATS permissions do not let this user read {subject} of stream {stream}: "
-        f"{exc.message} (a user held to tenant T may read <root>.ev.T.> only; "
+        f"{exc.message} (a user held to tenant T may read T's subjects only; "
         'docs/operations.md, "NATS permissions for one tenant")',
         details={"stream": stream, "subject": subject, **(exc.details or {})},
     )

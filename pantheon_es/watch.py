@@ -3,10 +3,11 @@
 The projector writes the state of every task, workflow, worker and mailbox
 to the bucket after each commit (key ``<tenant>.<model>.<id>``, the value the
 read model's row as JSON; an archived entity's key is deleted). A
-:class:`StateWatch` reads it with one ordered consumer (nats-py
-``kv.watch``, last value per key first, then every later write), so a
-subscriber gets the current values and then every change, in order per
-entity::
+:class:`StateWatch` reads it with one ordered consumer on the bucket's stream,
+filtered to the tenant's keys (the bucket keeps one revision per key, so from
+its first message on it delivers the last value per key, then every later
+write), so a subscriber gets the current values and then every change, in
+order per entity::
 
     async with StateWatch(nc, tenant="default", model="task") as watch:
         current = await watch.initial()          # the current values
@@ -17,22 +18,29 @@ entity::
 ``filters`` keep entities whose value's fields equal the given text (one of
 several values separated by commas); an entity that stops matching is
 reported once with op ``leave`` and leaves the map.
+
+The consumer is the event feed's (:class:`pantheon_es.store.EventFeed`), created
+through the API subject that carries its filter (``$KV.<bucket>.<tenant>.>``): a
+NATS user held to one tenant can watch that tenant's keys and no other's. nats-py's
+``kv.watch`` could not be so held: it asks for the bucket's stream info and creates
+its consumer through an API subject without the filter (docs/decisions.md,
+"Commands and queries of a tenant's user").
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats.errors
 import nats.js.errors
 import orjson
 from nats.aio.client import Client as NATS
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from pantheon_es import ids
 from pantheon_es.errors import InvalidError, NotFoundError
+from pantheon_es.store import EventFeed, RawEvent, create_consumer
 from pantheon_es.subjects import Subjects, check_token
 
 #: The entity models in the bucket, and ``agent`` (a task whose executor is an agent).
@@ -108,8 +116,10 @@ class StateWatch:
         if self.model == "agent":
             self._kv_model = "task"
             self._filters = {**self._filters, "executor_kind": frozenset({"agent"})}
-        self._watcher: Any = None
-        self._initial_done = False
+        self._feed: EventFeed | None = None
+        self._received: collections.deque[RawEvent] = collections.deque()
+        self._initial_done = False  # the end of the current values was reported
+        self._initial_end = False  # the last of the current values was taken
 
     @property
     def pattern(self) -> str:
@@ -126,29 +136,44 @@ class StateWatch:
         await self.stop()
 
     async def start(self) -> None:
+        """Subscribe: a consumer on the bucket's stream, filtered to :attr:`pattern`.
+
+        Raises:
+            NotFoundError: no state bucket.
+            ForbiddenError: NATS permissions do not let this user read those keys.
+        """
+        bucket = self.subjects.state_bucket
+        stream = f"KV_{bucket}"
+        subject = self.subjects.state_bucket_subject(self.pattern)
+        feed = EventFeed(self.nc, self.nc.jetstream(), stream, subject, 1, 10_000)
         try:
-            kv: KeyValue = await self.nc.jetstream().key_value(self.subjects.state_bucket)
-        except nats.js.errors.BucketNotFoundError:
-            raise NotFoundError(
-                f"no state bucket {self.subjects.state_bucket!r}: has a projector run here?"
-            ) from None
-        self._watcher = await kv.watch(self.pattern, include_history=False)
+            await feed.start()
+            pending = feed.initial_pending
+            if pending is None:  # a plain nats-py client's feed does not count
+                pending = await _count(self.nc, stream, subject)
+        except nats.js.errors.NotFoundError:
+            await feed.stop()
+            raise NotFoundError(f"no state bucket {bucket!r}: has a projector run here?") from None
+        except BaseException:
+            await feed.stop()
+            raise
+        self._feed = feed
+        self._initial_end = pending == 0
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
-            self._watcher = None
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            await feed.stop()
 
     @property
     def closed(self) -> bool:
         """True once stopped (or before start)."""
-        return self._watcher is None
+        return self._feed is None
 
     async def initial(self) -> list[StateChange]:
         """The current values (deleted keys are left out); call before iterating."""
         out = []
-        while not self._initial_done:
+        while not self._initial_done and self._feed is not None:
             change = await self.next()
             if change is not None and change.op == "put":
                 out.append(change)
@@ -156,29 +181,36 @@ class StateWatch:
 
     async def next(self, timeout: float | None = None) -> StateChange | None:
         """The next change; ``None`` once when the current values are all delivered, or on
-        timeout. Entities that do not match the filters are skipped."""
+        timeout. Entities that do not match the filters are skipped.
+
+        Raises:
+            ForbiddenError: the server refused what the consumer needs to go on.
+        """
         while True:
-            if self._watcher is None:
+            feed = self._feed
+            if feed is None:
                 return None
-            try:
-                entry = await self._watcher.updates(1e9 if timeout is None else timeout)
-            except nats.errors.TimeoutError:
-                return None
-            if entry is KeyValue.KeyWatcher.STOP_ITER:
-                self._watcher = None
-                return None
-            if entry is None:
+            if self._initial_end and not self._initial_done:
                 self._initial_done = True
                 return None
-            change = self._apply(entry)
+            if not self._received:
+                batch = await feed.next_batch(1000, timeout=timeout)
+                if not batch:
+                    return None  # timeout, or stopped
+                self._received.extend(batch)
+            raw = self._received.popleft()
+            if not self._initial_done and raw.pending == 0:
+                self._initial_end = True  # nothing more of the values at subscription
+            change = self._apply(raw)
             if change is not None:
                 return change
 
-    def _apply(self, entry: Any) -> StateChange | None:
-        key = entry.key
+    def _apply(self, raw: RawEvent) -> StateChange | None:
+        key = raw.subject.split(".", 2)[2]  # $KV.<bucket>.<key>
         tenant, model, entity_id = Subjects.parse_state_key(key)
-        deleted = entry.operation in (KV_DEL, KV_PURGE)
-        value = None if deleted or not entry.value else orjson.loads(entry.value)
+        # A delete or purge is a message with an empty body (and a KV-Operation header);
+        # a state is never empty.
+        value = orjson.loads(raw.data) if raw.data else None
         initial = not self._initial_done
         known = key in self.state
         if value is not None and matches(value, self._filters):
@@ -191,10 +223,30 @@ class StateWatch:
             return None  # neither shown before nor now
         if self.model == "agent":
             model = "agent"
-        return StateChange(key, tenant, model, entity_id, op, entry.revision, value, initial)
+        return StateChange(key, tenant, model, entity_id, op, raw.seq, value, initial)
 
     async def __aiter__(self) -> AsyncIterator[StateChange]:
-        while self._watcher is not None:
+        while self._feed is not None:
             change = await self.next()
             if change is not None:
                 yield change
+
+
+async def _count(nc: NATS, stream: str, subject: str) -> int:
+    """How many messages of ``stream`` match ``subject`` now: a consumer's create reply
+    counts them (a pull consumer never read, deleted by the server after a second)."""
+    reply = await create_consumer(
+        nc,
+        stream,
+        {
+            "name": ids.new_id(),
+            "filter_subject": subject,
+            "deliver_policy": "all",
+            "ack_policy": "none",
+            "inactive_threshold": 1_000_000_000,  # ns
+            "mem_storage": True,
+            "num_replicas": 1,
+        },
+        timeout=5.0,
+    )
+    return int(reply.get("num_pending") or 0)

@@ -90,15 +90,15 @@ class QueryService:
         await self._stopped.wait()
 
     async def shutdown(self) -> None:
-        if self._sub is not None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
-        if self.db is not None:
-            await self.db.close()
-            self.db = None
+        db, self.db = self.db, None  # a second caller meanwhile finds nothing to close
+        if db is not None:
+            await db.close()
         self._stopped.set()
 
     async def _on_msg(self, msg: Msg) -> None:

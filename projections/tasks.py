@@ -210,6 +210,41 @@ TASKS = Table(
 )
 
 
+#: A workflow node whose task was archived: its last status, so ``workflow.get`` still
+#: shows how it ended (the task's own row is gone; docs/decisions.md, "Workflows").
+ARCHIVED_NODES = Table(
+    name="archived_nodes",
+    columns=(
+        "tenant",
+        "workflow_id",
+        "task_id",
+        "status",
+        "attempt",
+        "worker_id",
+        "started_at",
+        "finished_at",
+        "archived_at",
+        "last_seq",
+    ),
+    key=("tenant", "workflow_id", "task_id"),
+    ddl="""
+    CREATE TABLE IF NOT EXISTS archived_nodes (
+        tenant TEXT NOT NULL,
+        workflow_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        worker_id TEXT,
+        started_at TEXT,
+        finished_at TEXT,
+        archived_at TEXT NOT NULL,
+        last_seq INTEGER NOT NULL,
+        PRIMARY KEY (tenant, workflow_id, task_id)
+    ) WITHOUT ROWID;
+    """,
+)
+
+
 def _sender_row(event: EventRecord) -> list[tuple[Table, Key]]:
     sender = event.data.get("sender", "")
     return [(TASKS, (event.tenant, sender))] if ids.is_id(sender) else []
@@ -217,7 +252,7 @@ def _sender_row(event: EventRecord) -> list[tuple[Table, Key]]:
 
 class TasksModel(ReadModel):
     name = "tasks"
-    tables = (TASKS,)
+    tables = (TASKS, ARCHIVED_NODES)
     kv_models = ((TASKS, MODEL),)
 
     def _update(self, uow: Batch, ev: EventRecord, **changes: Any) -> Row | None:
@@ -454,8 +489,25 @@ class TasksModel(ReadModel):
     def cancelled(self, uow: Batch, ev: EventRecord) -> None:
         self._finish(uow, ev, "cancelled", cancel_reason=ev.data.get("reason"))
 
-    @handles(TaskArchived)
+    @handles(TaskArchived, load=aggregate_row(TASKS))
     def archived(self, uow: Batch, ev: EventRecord) -> None:
+        row = uow.get(TASKS, (ev.tenant, ev.aggregate_id))
+        if row is not None and row["workflow_id"] is not None:
+            uow.put(
+                ARCHIVED_NODES,
+                {
+                    "tenant": ev.tenant,
+                    "workflow_id": row["workflow_id"],
+                    "task_id": ev.aggregate_id,
+                    "status": ev.data["status"],
+                    "attempt": row["attempt"],
+                    "worker_id": row["worker_id"],
+                    "started_at": row["started_at"],
+                    "finished_at": row["finished_at"],
+                    "archived_at": ev.occurred_at,
+                    "last_seq": ev.seq,
+                },
+            )
         uow.delete(TASKS, (ev.tenant, ev.aggregate_id))
         uow.publish(ev.tenant, MODEL, ev.aggregate_id, None)
         uow.execute(

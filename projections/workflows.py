@@ -202,6 +202,15 @@ class ListWorkflows(_Query):
     offset: int = Field(0, ge=0)
 
 
+#: What an archived node no longer shows (its row, with these, is gone; the log has them).
+_NO_DETAILS = {
+    "blocked_reason": None,
+    "error": None,
+    "result": None,
+    "progress": None,
+    "progress_message": None,
+}
+
 NODE_COLUMNS = (
     "id, node, status, attempt, worker_id, started_at, finished_at, blocked_reason, "
     "error, result, progress, progress_message"
@@ -226,8 +235,28 @@ async def get_workflow(db: aiosqlite.Connection, tenant: str, query: GetWorkflow
     ) as cur:
         for status, count in await cur.fetchall():
             counts[status] = count
+    # A node whose task was archived (cleanup) counts, and shows, as it ended.
+    archived: dict[str, dict[str, Any]] = {}
+    async with db.execute(
+        "SELECT task_id, status, attempt, worker_id, started_at, finished_at, archived_at "
+        "FROM archived_nodes WHERE tenant = ? AND workflow_id = ?",
+        (tenant, query.workflow_id),
+    ) as cur:
+        for r in await cur.fetchall():
+            task_id, status, attempt, worker, started, finished, archived_at = r
+            counts[status] = counts.get(status, 0) + 1
+            archived[task_id] = {
+                **_NO_DETAILS,
+                "status": status,
+                "attempt": attempt,
+                "worker_id": worker,
+                "started_at": started,
+                "finished_at": finished,
+                "archived_at": archived_at,
+            }
     wf["task_counts"] = counts
     wf["tasks_created"] = sum(counts.values())
+    wf["tasks_archived"] = len(archived)
     if query.nodes:
         states: dict[str, dict[str, Any]] = {}
         async with db.execute(
@@ -249,6 +278,7 @@ async def get_workflow(db: aiosqlite.Connection, tenant: str, query: GetWorkflow
                     "progress": progress,
                     "progress_message": message,
                 }
+        states.update(archived)
         wf["nodes"] = [
             {**n, **states.get(n["task_id"], {"status": "not_created"})} for n in wf["nodes"]
         ]

@@ -266,3 +266,46 @@ async def cluster(
                 await asyncio.wait_for(worker._runner, 15)
         node.request_stop()
         await asyncio.wait_for(runner, 30)
+
+
+class FailingReads:
+    """A scheduler's event store whose ``read_aggregate`` of chosen aggregates fails
+    (``unavailable``) a planned number of times (-1: always), then reads the real
+    server. :meth:`install` puts it in front of a scheduler's command service."""
+
+    def __init__(self, store: Any, fail: dict[tuple[str, str], int]) -> None:
+        self._store = store
+        self.fail = fail  # (aggregate, id) -> failures left
+        self.reads: list[tuple[str, str, bool]] = []  # (aggregate, id, failed)
+
+    @classmethod
+    def install(cls, scheduler: Any, fail: dict[tuple[str, str], int]) -> FailingReads:
+        shim = cls(scheduler.service.store, fail)
+        scheduler.service = _WithStore(scheduler.service, shim)
+        return shim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def read_aggregate(
+        self, tenant: str, aggregate: str, aggregate_id: str, **kwargs: Any
+    ) -> Any:
+        from pantheon_es.errors import UnavailableError
+
+        left = self.fail.get((aggregate, aggregate_id), 0)
+        self.reads.append((aggregate, aggregate_id, left != 0))
+        if left != 0:
+            self.fail[(aggregate, aggregate_id)] = left - 1 if left > 0 else left
+            raise UnavailableError("injected: direct get on the stream timed out")
+        return await self._store.read_aggregate(tenant, aggregate, aggregate_id, **kwargs)
+
+
+class _WithStore:
+    """A command service seen through another store (the scheduler's reads only)."""
+
+    def __init__(self, service: Any, store: Any) -> None:
+        self._service = service
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)

@@ -78,3 +78,31 @@ async def test_publish_now_on_a_closed_connection_raises(nats_server: Any) -> No
     await closed.close()
     with pytest.raises(nats.errors.ConnectionClosedError):
         closed.publish_now("now.test", b"late")
+
+
+async def test_a_checked_request_gets_its_reply_through_nats_py_s_reply_inbox(
+    nc: Connection, nats_server: Any
+) -> None:
+    # request_checked writes nats-py's new-style request out (its _resp_map, _nuid and the
+    # token after the inbox prefix); a change there shows here as a timeout.
+    other = await connect(nats_server.url)
+    try:
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(b"re: " + msg.data)
+
+        await other.subscribe("checked.echo", cb=answer)
+        await other.flush()
+        replies = await asyncio.gather(
+            *(nc.request_checked("checked.echo", b"%d" % i, timeout=5) for i in range(20))
+        )
+        assert [m.data for m in replies] == [b"re: %d" % i for i in range(20)]
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.request_checked("checked.nobody", b"", timeout=5)
+        await other.subscribe("checked.silent")  # listens, never answers
+        await other.flush()
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request_checked("checked.silent", b"", timeout=0.2)
+        assert nc._resp_map == {} and not nc._denial_handlers  # nothing left behind
+    finally:
+        await other.close()

@@ -33,6 +33,16 @@ from tools.verify import read_tables
 
 EXAMPLE = ROOT / "examples" / "nats-tenant-users.conf"
 PASSWORDS = {"admin": "admin-secret", "acme": "acme-secret"}
+
+
+def start_secured(store_dir: Path) -> EmbeddedNats:
+    """A nats-server loading examples/nats-tenant-users.conf as shipped (admin and acme)."""
+    with pytest.MonkeyPatch.context() as env:  # NATS reads the passwords from its env
+        env.setenv("PANTHEON_ADMIN_PASSWORD", PASSWORDS["admin"])
+        env.setenv("PANTHEON_ACME_PASSWORD", PASSWORDS["acme"])
+        return EmbeddedNats(store_dir, config=EXAMPLE).start()
+
+
 TABLES = [t for m in default_models() for t in m.tables]
 TASKS_TENANT = next(t for t in TABLES if t.name == "tasks").columns.index("tenant")
 
@@ -52,10 +62,7 @@ class Secured:
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     base = tmp_path_factory.mktemp("secured")
-    with pytest.MonkeyPatch.context() as env:  # NATS reads the passwords from its env
-        env.setenv("PANTHEON_ADMIN_PASSWORD", PASSWORDS["admin"])
-        env.setenv("PANTHEON_ACME_PASSWORD", PASSWORDS["acme"])
-        server = EmbeddedNats(base / "nats", config=EXAMPLE).start()
+    server = start_secured(base / "nats")
     try:
         host = server.url.removeprefix("nats://")
         db = base / "projections.db"

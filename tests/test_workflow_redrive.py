@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from pantheon_es.client import PantheonClient
 from pantheon_es.domain import DecideContext
 from pantheon_es.errors import ConflictError, NotFoundError
 from pantheon_es.events import Event, EventData, decode_record, make_event
+from pantheon_es.node import Node
 from pantheon_es.specs import Resources
 from pantheon_es.tasks import (
     RedriveWorkflowTask,
@@ -39,7 +41,7 @@ from pantheon_es.workflows import (
     evolve,
 )
 from projections.projector import Projector, dump_tables
-from tests.conftest import Cluster, eventually, history, last_seq, python
+from tests.conftest import Cluster, FailingReads, eventually, history, last_seq, python
 from tests.test_cli import ROOT, pantheon_argv
 from tools.audit import Auditor
 from tools.invariants import InvariantChecker
@@ -436,6 +438,71 @@ async def test_a_scheduler_restarted_mid_redrive_finishes_it_and_twice_changes_n
         if runner is not None:
             await asyncio.wait_for(runner, 10)
         node.scheduler.leadership = original
+
+
+async def test_a_standby_that_failed_to_read_a_redrive_back_finishes_it_when_it_leads(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The standby's read-back of a redriven workflow fails (a standby tries once); the
+    leader brings the nodes back but stops before they run. The standby, now leader,
+    reads the workflow back and finishes the redrive, dependencies first (it used to hold
+    no such workflow until a restart, and let c run without waiting for b)."""
+    worker = await cluster.add_worker(worker_id="w1")
+    created = await _failed_chain(cluster, tmp_path)
+    wf_id, tasks = created["workflow_id"], created["tasks"]
+    worker.request_stop()  # nothing runs until the standby leads
+    await asyncio.wait_for(worker._runner, 15)
+
+    leader = cluster.node
+    standby = Node(replace(leader.config, data_dir=tmp_path / "standby"))
+    await standby.start()
+    standby_run = asyncio.create_task(standby.run())
+    try:
+        assert standby.scheduler is not None and standby.nc is not None
+        assert leader.scheduler is not None and leader.scheduler.active
+        assert not standby.scheduler.active
+        shim = FailingReads.install(standby.scheduler, {("workflow", wf_id): -1})
+        await cluster.client.redrive_workflow(wf_id, reason="fixed b")
+
+        async def brought_back() -> bool:
+            return [len(await _redriven(cluster, tasks[n])) for n in "bc"] == [1, 1]
+
+        await eventually(brought_back)
+        assert ("workflow", wf_id, True) in shim.reads
+        key = ("default", wf_id)
+        assert await eventually(lambda: _true(key in standby.scheduler._unread_workflows))
+        shim.fail.clear()  # the log reads well again
+
+        leader.request_stop()  # resigns: the standby takes over at once
+        cluster.node = standby
+
+        async def leading() -> bool:
+            return bool(standby.scheduler and standby.scheduler.active)
+
+        await eventually(leading, timeout=15)
+        cluster.client = PantheonClient(standby.nc, subjects=standby.subjects, timeout=15)
+        await cluster.add_worker(worker_id="w2")
+        done = await _ended_again(cluster, wf_id, "completed")
+        assert {n["name"]: n["attempt"] for n in done["nodes"]} == {"a": 1, "b": 2, "c": 1}
+        for name in "abc":
+            assert len(await _redriven(cluster, tasks[name])) == (name != "a")
+        log = await _log(cluster)
+        seq = {(r.aggregate_id, r.type): r.seq for r in log}  # the last of each
+        assert seq[(tasks["b"], "TaskCompleted")] < seq[(tasks["c"], "LeaseGranted")]
+        workflow_types = [r.type for r in log if r.aggregate_id == wf_id]
+        assert workflow_types[-2:] == ["WorkflowRedriven", "WorkflowFinished"]
+    finally:
+        cluster.node = leader  # the fixture stops it (stopped already)
+        standby.request_stop()
+        await asyncio.wait_for(standby_run, 30)
+
+
+async def _redriven(cluster: Cluster, task_id: str) -> list[Any]:
+    return [e for e in await history(cluster, task_id) if e.type == "TaskRedriven"]
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 def workflow_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pantheon_es import ids
-from pantheon_es.errors import InvalidError
+from pantheon_es import scheduler as scheduler_module
+from pantheon_es.client import PantheonClient
+from pantheon_es.embedded import EmbeddedNats
+from pantheon_es.errors import InvalidError, NotFoundError
+from pantheon_es.node import Node, NodeConfig
 from pantheon_es.scheduler import growing_chunks, in_dependency_order
-from pantheon_es.workflows import NodeSpec, WorkflowNode, find_cycle, validate_graph
-from tests.conftest import Cluster, eventually, python
+from pantheon_es.service import CommandService
+from pantheon_es.store import EventStore
+from pantheon_es.subjects import Subjects
+from pantheon_es.workflows import (
+    CreateWorkflow,
+    NodeSpec,
+    WorkflowNode,
+    find_cycle,
+    validate_graph,
+)
+from projections.projector import Projector, dump_tables
+from tests.conftest import Cluster, FailingReads, eventually, python
 
 
 def node(name: str, *deps: str, **extra: Any) -> dict[str, Any]:
@@ -187,6 +203,94 @@ async def test_continue_runs_what_does_not_depend_on_the_failure(cluster: Cluste
     assert done["status"] == "failed"
     by_name = {n["name"]: n for n in done["nodes"]}
     assert "child ended skipped" in by_name["grandchild"]["error"]["message"]
+
+
+async def test_a_node_whose_task_was_archived_shows_how_it_ended_also_after_a_rebuild(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Cleanup drops a task's row; its workflow still shows the node as it ended (it
+    showed ``not_created``), counts it so, and a rebuild from the log agrees."""
+    await cluster.add_worker(worker_id="w1")
+    created = await cluster.client.create_workflow(
+        "archived",
+        [node("bad", executor=python("fail")), node("child", "bad"), node("other")],
+        failure_policy="continue",
+    )
+    wf_id, tasks = created["workflow_id"], created["tasks"]
+    done = await cluster.client.wait_for_workflow(wf_id, timeout=30)
+    before = {n["name"]: n for n in done["nodes"]}
+    for name in ("bad", "other"):  # child stays
+        await cluster.client.archive_task(tasks[name], reason="cleanup")
+    assert cluster.node.store is not None and cluster.node.projector is not None
+    head = await cluster.node.store.last_seq()
+    wf = await cluster.client.query("workflow", "get", {"workflow_id": wf_id, "min_seq": head})
+
+    nodes = {n["name"]: n for n in wf["nodes"]}
+    assert {k: n["status"] for k, n in nodes.items()} == {
+        "bad": "failed", "child": "skipped", "other": "completed",
+    }  # fmt: skip
+    for name in ("bad", "other"):
+        assert nodes[name]["archived_at"] is not None
+        for field in ("attempt", "worker_id", "started_at", "finished_at"):
+            assert nodes[name][field] == before[name][field], (name, field)
+        assert nodes[name]["result"] is None and nodes[name]["error"] is None  # in the log only
+    assert "archived_at" not in nodes["child"]
+    assert wf["task_counts"] == {"failed": 1, "skipped": 1, "completed": 1}
+    assert (wf["tasks_created"], wf["tasks_archived"]) == (3, 2)
+    with pytest.raises(NotFoundError):  # the task itself is gone from the read models
+        await cluster.client.get_task(tasks["bad"])
+
+    # The read models rebuilt from the log are the live ones.
+    assert await cluster.node.projector.wait_for(head)
+    live = await dump_tables(cluster.node.db_path)
+    assert len(live["archived_nodes"]) == 2
+    rebuilt = Projector(cluster.node.store, tmp_path / "rebuilt.db", kv=False, batch_size=1)
+    await rebuilt.open()
+    assert await rebuilt.catch_up(head) == head
+    await rebuilt.shutdown()
+    assert await dump_tables(tmp_path / "rebuilt.db") == live
+
+
+async def test_a_created_workflow_read_back_at_start_is_retried_when_the_read_fails(
+    nats_server: EmbeddedNats,
+    subjects: Subjects,
+    store: EventStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A workflow created while no scheduler ran: the one that starts reads its nodes
+    from the log, and a read that fails is tried again (as a redrive's reads are)
+    instead of leaving the workflow ``created`` until the next start."""
+    monkeypatch.setattr(scheduler_module, "_RETRY_DELAYS", (0.05, 0.1, 0.2))
+    service = CommandService(store.nc, store)
+    await service.start()
+    try:
+        command = CreateWorkflow.model_validate(
+            {"name": "later", "tasks": [node("a"), node("b", "a")]}
+        )
+        wf_id = (await service.execute("default", command))["workflow_id"]
+    finally:
+        await service.shutdown()
+
+    pnode = Node(NodeConfig(data_dir=tmp_path / "node", nats_url=nats_server.url,
+                            root=subjects.root, workers=0, leader_ttl=0))  # fmt: skip
+    await pnode.start()
+    assert pnode.scheduler is not None and pnode.nc is not None
+    shim = FailingReads.install(pnode.scheduler, {("workflow", wf_id): 2})
+    runner = asyncio.create_task(pnode.run())
+    try:
+        client = PantheonClient(pnode.nc, subjects=subjects, timeout=10)
+
+        async def running() -> dict[str, Any] | None:
+            wf = await client.get_workflow(wf_id)
+            return wf if wf["status"] == "running" else None
+
+        wf = await eventually(running)
+        assert wf["tasks_created"] == 2
+        assert [failed for _, i, failed in shim.reads if i == wf_id] == [True, True, False]
+    finally:
+        pnode.request_stop()
+        await asyncio.wait_for(runner, 30)
 
 
 async def test_cancel_mid_run_leaves_nothing_running_and_no_lease_live(cluster: Cluster) -> None:

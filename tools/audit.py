@@ -1,9 +1,10 @@
 """``pantheon audit ID``: everything the log says about one task, agent, workflow or worker.
 
 Read-only. The events come from the log itself, one aggregate at a time
-(:meth:`EventStore.read_aggregate`: batched direct gets on one subject); the
-read models are used only to find related ids (the recipients of the messages
-an agent sent). What is read for each kind of id:
+(:func:`read_aggregate`: a consumer filtered on the aggregate's subject, created
+through the API subject that names it, so a NATS user held to one tenant can
+audit that tenant's ids); the read models are used only to find related ids (the
+recipients of the messages an agent sent). What is read for each kind of id:
 
 * task / agent: the task's events, its mailbox's events (messages received,
   deliveries, reads) and the ``MessageSent`` events of the messages it sent
@@ -12,9 +13,11 @@ an agent sent). What is read for each kind of id:
 * workflow: its own events, and everything above for every one of its tasks
   (their ids are in ``WorkflowCreated``);
 * worker: its own events, and the events of the leases it held. No read model
-  keeps past leases, so this one scans the task events of the log
-  (server-side filter ``<root>.ev.*.task.*``) from the worker's first event on:
-  leases are granted only to a registered worker.
+  keeps past leases, so this one scans task events from the worker's first
+  event on (leases are granted only to a registered worker): those of the
+  tenants it serves (server-side filter ``<root>.ev.<tenant>.task.*`` for its
+  own tenant and each it registered for), or of every tenant
+  (``<root>.ev.*.task.*``) if it ever served ``*``.
 
 The report has four sections: ``event`` (the timeline: stream sequence, time,
 type, actor, correlation and causation), ``attempt`` (per task and attempt:
@@ -40,9 +43,10 @@ import orjson
 
 from pantheon_es.client import PantheonClient
 from pantheon_es.errors import InvalidError, NotFoundError
-from pantheon_es.events import Event
+from pantheon_es.events import Event, decode
 from pantheon_es.store import EventStore, StoredEvent
 from pantheon_es.subjects import check_token
+from tools.events import raw_batches
 
 FORMATS = ("table", "json", "jsonl", "csv")
 #: Tasks read at once (each is a few direct gets and one query).
@@ -340,6 +344,24 @@ class AuditReport:
 
 # -- reading ------------------------------------------------------------------------------------
 
+#: "to the end of the log" for a filtered read (it ends with the subject's last message)
+_END = 2**63 - 1
+
+
+async def read_aggregate(
+    store: EventStore, tenant: str, aggregate: str, aggregate_id: str
+) -> list[StoredEvent]:
+    """Every event of one aggregate instance, oldest first, as
+    :meth:`EventStore.read_aggregate` gives them, but read through a consumer filtered on
+    the aggregate's subject and created through the API subject that names it
+    (:func:`tools.events.raw_batches`): the direct gets of ``read_aggregate`` carry the
+    subject in their body, where no NATS permission can see it."""
+    subject = store.subjects.aggregate(tenant, aggregate, aggregate_id)
+    out: list[StoredEvent] = []
+    async for batch, _position in raw_batches(store, 1, _END, subject=subject):
+        out += [StoredEvent(raw.seq, subject, decode(raw.data, raw.seq)) for raw in batch]
+    return out
+
 
 class Auditor:
     """Builds an :class:`AuditReport` from the log (and the read models for related ids)."""
@@ -352,6 +374,9 @@ class Auditor:
         self.store = EventStore(client.nc, client.subjects)
         self.progress = progress or (lambda _msg: None)
 
+    async def _read(self, aggregate: str, aggregate_id: str) -> list[StoredEvent]:
+        return await read_aggregate(self.store, self.tenant, aggregate, aggregate_id)
+
     async def kind_of(self, entity_id: str) -> str:
         """``task``, ``agent``, ``workflow`` or ``worker``; ``not_found`` if none has events."""
         try:
@@ -363,7 +388,7 @@ class Auditor:
             subject = subjects.aggregate(self.tenant, aggregate, entity_id)
             if await self.store.subject_last_seq(subject):
                 if aggregate == "task":
-                    first = await self.store.read_aggregate(self.tenant, "task", entity_id)
+                    first = await self._read("task", entity_id)
                     data = first[0].event.data
                     if (
                         getattr(data, "executor", None) is not None
@@ -382,7 +407,7 @@ class Auditor:
         if kind in ("task", "agent"):
             await self._task(report, entity_id)
         elif kind == "workflow":
-            own = await self.store.read_aggregate(self.tenant, "workflow", entity_id)
+            own = await self._read("workflow", entity_id)
             report.events += own
             nodes = own[0].event.data.nodes if own else []
             await self._tasks(report, [(self.tenant, n.task_id, None) for n in nodes])
@@ -421,7 +446,7 @@ class Auditor:
     async def _task(
         self, report: AuditReport, task_id: str, lease_ids: set[str] | None = None
     ) -> None:
-        history = await self.store.read_aggregate(self.tenant, "task", task_id)
+        history = await self._read("task", task_id)
         fold = fold_task(task_id, (s.event for s in history))
         if lease_ids is not None:  # a worker's audit: only what its leases did
             fold.attempts = [a for a in fold.attempts if a.lease_id in lease_ids]
@@ -430,7 +455,7 @@ class Auditor:
         report.events += history
         if lease_ids is not None:
             return
-        mailbox = await self.store.read_aggregate(self.tenant, "mailbox", task_id)
+        mailbox = await self._read("mailbox", task_id)
         report.events += mailbox
         delivered: dict[str, tuple[str, str | None]] = {}
         for s in mailbox:
@@ -457,36 +482,49 @@ class Auditor:
                 break
             offset += len(page["items"])
         for recipient in sorted(recipients):
-            for s in await self.store.read_aggregate(self.tenant, "mailbox", recipient):
+            for s in await self._read("mailbox", recipient):
                 if s.event.type == "MessageSent" and s.event.data.sender == task_id:
                     report.events.append(s)
                     report.messages.append(_message(s, "sent", recipient, fold.name, None))
 
     async def _worker(self, report: AuditReport, worker_id: str) -> None:
-        own = await self.store.read_aggregate(self.tenant, "worker", worker_id)
+        own = await self._read("worker", worker_id)
         report.events += own
-        subject = self.client.subjects.events(None, "task")
-        report.scanned.append(f"{subject} from seq {own[0].seq} (leases granted to {worker_id})")
-        leases: dict[tuple[str, str], set[str]] = {}
+        # Leases go only to a worker serving the task's tenant: its own, and those it
+        # registered for. So the scan reads those tenants' task events (a user held to
+        # this tenant may, when the worker serves no other), every tenant's if it
+        # ever served "*".
+        served = {self.tenant}
+        for s in own:
+            if s.event.type == "WorkerRegistered":
+                served.update(s.event.data.tenants)
+        tenants: Sequence[str | None] = [None] if "*" in served else sorted(served)
         needle = orjson.dumps(worker_id)
-        last = await self.store.last_seq()
-        async with self.store.feed(from_seq=own[0].seq, subject=subject) as feed:
-            done = own[0].seq > last
-            while not done:
-                batch = await feed.next_batch(1000, timeout=10)
-                if not batch:
-                    break
+        found: list[tuple[int, tuple[str, str], str]] = []  # (seq, (tenant, task), lease)
+        for tenant in tenants:
+            subject = self.client.subjects.events(tenant, "task")
+            report.scanned.append(
+                f"{subject} from seq {own[0].seq} (leases granted to {worker_id})"
+            )
+            last = await self.store.stream_last_seq(subject)
+            async for batch, position in raw_batches(self.store, own[0].seq, last, subject=subject):
                 for raw in batch:
-                    if raw.seq > last:
-                        done = True
-                        break
                     if b'"LeaseGranted"' in raw.data and needle in raw.data:
                         ev = orjson.loads(raw.data)
-                        if ev["type"] == "LeaseGranted" and ev["data"]["worker_id"] == worker_id:
-                            key = (ev["tenant"], ev["aggregate_id"])
-                            leases.setdefault(key, set()).add(ev["data"]["lease_id"])
-                    done = raw.seq >= last or raw.pending == 0
-                self.progress(f"scanned to seq {batch[-1].seq} of {last}")
+                        data = ev["data"]
+                        if (
+                            ev["type"] == "LeaseGranted"
+                            and data["worker_id"] == worker_id
+                            # the worker's tenant (when not the task's): another tenant's
+                            # worker of the same id is not this one
+                            and (data.get("worker_tenant") or ev["tenant"]) == self.tenant
+                        ):
+                            found.append((raw.seq, (ev["tenant"], ev["aggregate_id"]),
+                                          data["lease_id"]))  # fmt: skip
+                self.progress(f"scanned to seq {position} of {last}")
+        leases: dict[tuple[str, str], set[str]] = {}
+        for _seq, key, lease_id in sorted(found):  # tasks in the order of their first lease
+            leases.setdefault(key, set()).add(lease_id)
         await self._tasks(report, [(t, task_id, ids) for (t, task_id), ids in leases.items()])
 
 

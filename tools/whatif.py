@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pantheon_es.errors import InvalidError
 from pantheon_es.events import EventRecord
-from pantheon_es.placement import Amount, Job, Key, Placement, Policy, Quota
+from pantheon_es.placement import Amount, Job, Key, Placement, Policy, Quota, serves
 from pantheon_es.specs import PRIORITY_LEVELS
 from pantheon_es.store import EventStore
 from pantheon_es.workflow_file import read_document
@@ -823,11 +823,6 @@ def band_name(priority: int) -> str:
         if number == base:
             return name
     return f"{base}-{base + 99}"
-
-
-def serves(tenants: Iterable[str], tenant: str) -> bool:
-    """Whether a worker registered with ``tenants`` (its own first) takes ``tenant``'s work."""
-    return any(t in (tenant, "*") for t in tenants)
 
 
 def _capacity_seconds(
