@@ -90,6 +90,9 @@ class Connection(Client):
         super().__init__()
         self._raw_handlers: dict[int, RawHandler] = {}
         self._denial_handlers: set[DenialHandler] = set()
+        #: (what, lowercase subject) -> handlers of the requests that a refusal of exactly
+        #: that would fail (looked up, not called one by one: many may be in flight)
+        self._request_denials: dict[tuple[str, str], set[DenialHandler]] = {}
         #: the latest permission violations the server reported, oldest first
         self.denials: collections.deque[tuple[str, str]] = collections.deque(maxlen=64)
 
@@ -118,6 +121,10 @@ class Connection(Client):
         denial = denial_of(err_msg)
         if denial is not None:
             self.denials.append(denial)
+            # Every request in flight that this refusal concerns fails now, so none needs
+            # it again: the next refusal of the same finds only later requests.
+            for handler in self._request_denials.pop(denial, ()):
+                handler(*denial)
             for handler in list(self._denial_handlers):
                 handler(*denial)
         await super()._process_err(err_msg)
@@ -155,17 +162,16 @@ class Connection(Client):
             await self._init_request_sub()  # nats-py's own, lazily made by request()
         assert self._resp_sub_prefix is not None
         prefix = self._resp_sub_prefix.decode()
-        watched = tuple(watch)
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        # (what, subject as nats-py passes it on: lowercase) -> the subject as given
+        names = {
+            ("publish", subject.lower()): subject,
+            ("subscription", (prefix + "*").lower()): prefix + "*",
+            **{("subscription", w.lower()): w for w in watch},
+        }
 
         def denied(what: str, denied_subject: str) -> None:
-            # (what, subject as nats-py passes it on: lowercase) -> the subject as given
-            if what == "publish":
-                name = subject if denied_subject == subject.lower() else None
-            elif denied_subject == (prefix + "*").lower():
-                name = prefix + "*"
-            else:
-                name = next((w for w in watched if w.lower() == denied_subject), None)
+            name = names.get((what, denied_subject))
             if name is not None and not future.done():
                 future.set_exception(_refusal(what, name))
 
@@ -180,7 +186,8 @@ class Connection(Client):
         token.extend(token_hex(2).encode())
         key = token.decode()
         self._resp_map[key] = future
-        self._denial_handlers.add(denied)
+        for wanted in names:
+            self._request_denials.setdefault(wanted, set()).add(denied)
         try:
             await self.publish(subject, payload, reply=prefix + key)
             try:
@@ -188,7 +195,12 @@ class Connection(Client):
             except TimeoutError:
                 raise nats.errors.TimeoutError from None
         finally:
-            self._denial_handlers.discard(denied)
+            for wanted in names:
+                handlers = self._request_denials.get(wanted)
+                if handlers is not None:
+                    handlers.discard(denied)
+                    if not handlers:
+                        del self._request_denials[wanted]
             self._resp_map.pop(key, None)
         if msg.headers and msg.headers.get("Status") == "503":
             raise nats.errors.NoRespondersError

@@ -337,6 +337,7 @@ class Node:
         self._stop.set()
         if self._shutting_down is None:
             self._shutting_down = asyncio.ensure_future(self._shutdown())
+            self._shutting_down.add_done_callback(_log_shutdown_error)
         await asyncio.shield(self._shutting_down)
 
     async def _shutdown(self) -> None:
@@ -369,3 +370,9 @@ class Node:
 
 async def _log_nats_error(exc: Exception) -> None:
     log.warning("nats error", error=repr(exc))
+
+
+def _log_shutdown_error(task: asyncio.Future[None]) -> None:
+    """Log a failed shutdown (also retrieves it when every caller was cancelled)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("node shutdown failed", error=repr(task.exception()))

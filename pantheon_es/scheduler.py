@@ -831,6 +831,8 @@ class Scheduler:
             log.warning("history not read back yet; retrying", aggregate=aggregate,
                         id=aggregate_id, problem=problem, retry_in_s=delay)  # fmt: skip
             await self._pause(delay)
+            if self._stopping:
+                break  # no new try while shutting down
         if self._stopping:
             pass
         elif self.active:
@@ -1532,6 +1534,8 @@ class Scheduler:
                             workflow_id=wf.state.workflow_id, task_id=node.task_id,
                             retry_in_s=delay)  # fmt: skip
                 await self._pause(delay)
+                if self._stopping:
+                    break  # no new try while shutting down
             if (
                 result is None
                 and self.active

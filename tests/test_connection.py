@@ -103,6 +103,13 @@ async def test_a_checked_request_gets_its_reply_through_nats_py_s_reply_inbox(
         await other.flush()
         with pytest.raises(nats.errors.TimeoutError):
             await nc.request_checked("checked.silent", b"", timeout=0.2)
-        assert nc._resp_map == {} and not nc._denial_handlers  # nothing left behind
+        # a caller that gives up (cancelled) leaves nothing behind either
+        pending = asyncio.create_task(nc.request_checked("checked.silent", b"", timeout=30))
+        await asyncio.sleep(0.05)
+        assert nc._resp_map and nc._request_denials
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert nc._resp_map == {} and nc._request_denials == {} and not nc._denial_handlers
     finally:
         await other.close()

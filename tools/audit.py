@@ -49,7 +49,7 @@ from pantheon_es.subjects import check_token
 from tools.events import raw_batches
 
 FORMATS = ("table", "json", "jsonl", "csv")
-#: Tasks read at once (each is a few direct gets and one query).
+#: Tasks read at once (each is a few filtered reads and one query).
 READERS = 16
 TERMINAL = {
     "TaskCompleted": "completed",
