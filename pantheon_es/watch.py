@@ -39,6 +39,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from pantheon_es import ids
+from pantheon_es.connection import Connection
 from pantheon_es.errors import InvalidError, NotFoundError
 from pantheon_es.store import EventFeed, RawEvent, create_consumer
 from pantheon_es.subjects import Subjects, check_token
@@ -147,10 +148,13 @@ class StateWatch:
         subject = self.subjects.state_bucket_subject(self.pattern)
         feed = EventFeed(self.nc, self.nc.jetstream(), stream, subject, 1, 10_000)
         try:
+            # A plain nats-py client's feed does not count what it will deliver: count
+            # first, so that a write landing meanwhile is a change, never a current value.
+            counted = (
+                None if isinstance(self.nc, Connection) else await _count(self.nc, stream, subject)
+            )
             await feed.start()
-            pending = feed.initial_pending
-            if pending is None:  # a plain nats-py client's feed does not count
-                pending = await _count(self.nc, stream, subject)
+            pending = feed.initial_pending if counted is None else counted
         except nats.js.errors.NotFoundError:
             await feed.stop()
             raise NotFoundError(f"no state bucket {bucket!r}: has a projector run here?") from None
