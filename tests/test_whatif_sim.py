@@ -302,10 +302,11 @@ def test_a_fail_fast_workflow_cancels_its_waiting_tasks_when_a_task_fails_there(
     out = simulate(w, Policy())
     assert ("a", "y1") in out.gone and out.finished[("a", "y1")] == 2.0
     assert ("a", "y1") not in out.first_start and measure(w, out)["not_started"] == 0
-    # a third slot: y runs from the start; x's failure does not stop a running task
+    # a third slot: y runs from the start, and x's failure stops it on its worker at 2
     roomy = replace(w, workers=[replace(w.workers[0], slots=3, capacity={"cpu": 3})])
     out = simulate(roomy, Policy())
     assert out.first_start[("a", "y1")] == 0.0 and ("a", "y1") not in out.gone
+    assert out.finished[("a", "y1")] == 2.0 and ("a", "y1") in out.cancelled
     # a task of the workflow created after the failure is cancelled as it arrives
     late = task("z", 5, 1.0, workflow_id="wf")
     failing = task("x", 0, 1.0, outcome="failed", workflow_id="wf")
@@ -313,6 +314,63 @@ def test_a_fail_fast_workflow_cancels_its_waiting_tasks_when_a_task_fails_there(
     out = simulate(w2, Policy())
     assert late.key in out.gone and late.key not in out.first_start
     assert late.key in simulate(replace(w2, fail_fast=set()), Policy()).first_start
+
+
+def test_a_fail_fast_failure_stops_a_running_task_and_its_worker_takes_the_next_at_once() -> None:
+    long = task("long", 0, 100.0, workflow_id="wf")
+    bad = task("bad", 0, 3.0, outcome="failed", workflow_id="wf")
+    after = task("after", 0, 1.0, depends_on=("long",), workflow_id="wf")
+    waiting = [task(f"next{i}", 1, 5.0) for i in range(2)]
+    w = replace(
+        workload([long, bad, after, *waiting], [join(0, "w", cpu=2, slots=2)]),
+        fail_fast={("a", "wf")},
+    )
+    out = simulate(w, Policy())
+    runs = sorted((r.key[1], r.start, r.end) for r in out.runs)
+    # long is cancelled when bad fails at 3, not at 100: both slots take the waiting tasks then
+    assert runs == [("bad", 0, 3), ("long", 0, 3), ("next0", 3, 8), ("next1", 3, 8)]
+    assert out.cancelled == {long.key} and out.finished[long.key] == 3.0
+    # cancelled, not completed: its dependent is skipped and never starts
+    assert after.key in out.gone and after.key not in out.first_start
+    rep = measure(w, out)
+    assert rep["makespan"] == 8.0 and rep["utilisation"]["cpu"] == 1.0
+    assert rep["started"] == 4 and rep["not_started"] == 0
+    assert rep["wait"]["all"]["max"] == 2.0  # the waiting tasks, ready at 1, start at 3
+    # without fail_fast the long task runs on, holding its slot, and its dependent runs
+    out = simulate(replace(w, fail_fast=set()), Policy())
+    runs = sorted((r.key[1], r.start, r.end) for r in out.runs)
+    assert ("long", 0, 100) in runs and ("next1", 8, 13) in runs and not out.cancelled
+    assert out.first_start[after.key] == 100.0
+
+
+def test_a_recorded_fail_fast_stop_of_a_running_task_is_replayed_at_the_simulated_failure() -> None:
+    w = fold([
+        registered(0, "w", cpu=3, slots=3),
+        rec(0, "WorkflowCreated", "wf", {"failure_policy": "fail_fast"}, aggregate="workflow"),
+        submitted(0, "slow1", workflow_id="wf"),
+        granted(0, "slow1"),
+        submitted(0, "x1", workflow_id="wf"),
+        granted(0, "x1"),
+        submitted(0, "slow2"),
+        granted(0, "slow2"),
+        rec(2, "TaskFailed", "x1", {}),
+        rec(2, "TaskCancelled", "slow1",
+            {"reason": FAIL_FAST_REASON, "previous_status": "running"}),
+        rec(10, "TaskCompleted", "slow2", {}),
+    ])  # fmt: skip
+    s1 = w.tasks[("a", "slow1")]
+    assert s1.stopped_by_workflow and s1.outcome == "cancelled" and not s1.estimated
+    assert [(a.duration, a.cut_short) for a in s1.attempts] == [(2.0, True)]
+    assert w.medians["slow"] == 10.0  # a cut-short attempt is no observed length
+    assert [(r.start, r.end) for r in recorded(w).runs if r.key == s1.key] == [(0.0, 2.0)]
+    # replayed: x fails at 2 and slow1 is stopped then
+    out = simulate(w, Policy())
+    assert [(r.start, r.end) for r in out.runs if r.key == s1.key] == [(0.0, 2.0)]
+    assert s1.key in out.cancelled and s1.key not in out.gone
+    # if its workflow does not fail, it runs at least its name's median, and completes
+    out = simulate(replace(w, fail_fast=set()), Policy())
+    assert [(r.start, r.end) for r in out.runs if r.key == s1.key] == [(0.0, 10.0)]
+    assert not out.cancelled and out.finished[s1.key] == 10.0
 
 
 def test_nearest_rank_percentiles() -> None:

@@ -185,6 +185,8 @@ class Attempt:
     #: Seconds from this attempt's end to the task being ready again (retry delay, redrive).
     gap: float = 0.0
     censored: bool = False  # still running at the cut-off: duration is a lower bound
+    #: stopped on its worker by its fail_fast workflow's failure: duration is a lower bound
+    cut_short: bool = False
 
 
 @dataclass(slots=True)
@@ -206,8 +208,8 @@ class TaskRecord:
     workflow_id: str | None = None  # a workflow's task is admitted with its workflow
     #: it timed out waiting to start (TaskTimedOut kind schedule_to_start)
     start_timed_out: bool = False
-    #: cancelled before it ran because another task of its fail_fast workflow failed
-    #: (the simulation cancels it when that happens there)
+    #: cancelled because another task of its fail_fast workflow failed, before it ran or
+    #: while it ran (the simulation cancels it when that happens there)
     stopped_by_workflow: bool = False
     ended: float | None = None  # recorded terminal time
     #: When it left without ever running (cancelled, timed out or skipped while pending).
@@ -319,6 +321,7 @@ class WorkloadBuilder:
             task.open_since, task.open_worker = t, worker
             task.outcome = "running"
             return
+        running = task.open_since is not None
         if r.type in _ATTEMPT_ENDS and task.open_since is not None:
             task.attempts.append(
                 Attempt(task.open_since, max(t - task.open_since, 0.0), task.open_worker)
@@ -337,10 +340,13 @@ class WorkloadBuilder:
             elif (
                 r.type == "TaskCancelled"
                 and d.get("reason") == FAIL_FAST_REASON
-                and not task.attempts
-                and task.open_since is None
+                and (running or not task.attempts)
             ):
-                task.stopped_by_workflow = True  # the simulation stops it when its workflow fails
+                # The simulation stops it when its workflow fails there; an attempt this
+                # cancellation stopped on its worker had not run its course.
+                task.stopped_by_workflow = True
+                if running:
+                    task.attempts[-1].cut_short = True
             elif not task.attempts:
                 task.withdrawn = t
         elif r.type == "TaskRedriven":
@@ -350,6 +356,7 @@ class WorkloadBuilder:
             if task.attempts:
                 end = task.ended_attempt_at or t
                 task.attempts[-1].gap = max(t - end, 0.0)
+                task.attempts[-1].cut_short = False  # replayed as recorded, as any retried
 
     def _worker(self, r: EventRecord, t: float) -> None:
         key = (r.tenant, r.aggregate_id)
@@ -382,7 +389,7 @@ class WorkloadBuilder:
                 )  # fmt: skip
                 task.open_since = task.open_worker = None
             for a in task.attempts:
-                if not a.censored:
+                if not a.censored and not a.cut_short:
                     observed.setdefault(task.name, []).append(a.duration)
                     every.append(a.duration)
         fallback = statistics.median(every) if every else 0.0
@@ -457,6 +464,9 @@ class Outcome:
     #: refused at submit: key -> "overloaded" or "unschedulable" (None: not known, as for
     #: the recording, whose log holds only the submits that were accepted)
     refused: dict[Key, str] | None = None
+    #: cancelled by the failure of another task of their fail_fast workflow, while waiting
+    #: or while running (the simulation only; the recording's are in its log)
+    cancelled: set[Key] = field(default_factory=set)
 
 
 # Same-time order: ends free capacity before workers change, before work arrives; a
@@ -519,6 +529,7 @@ class Simulator:
         self.gone: set[Key] = set()
         self.timed_out: set[Key] = set()
         self.refused: dict[Key, str] = {}
+        self.cancelled: set[Key] = set()
 
     def _push(self, at: float, kind: int, key: Key, payload: Any = None) -> None:
         heapq.heappush(self._heap, (at, kind, next(self._n), key, payload))
@@ -547,7 +558,7 @@ class Simulator:
             self._place(now)
         return Outcome(
             self.ready, self.first_start, self.runs, self.end, self.finished, self.gone,
-            self.timed_out, self.refused,
+            self.timed_out, self.refused, self.cancelled,
         )  # fmt: skip
 
     def _handle(self, now: float, kind: int, key: Key, payload: Any) -> None:
@@ -568,7 +579,8 @@ class Simulator:
             elif key not in self._waiting:
                 self._make_ready(key, now)
         elif kind == _READY:
-            self._enqueue(key, now)
+            if key not in self._done:  # not cancelled by its workflow during the retry delay
+                self._enqueue(key, now)
         elif kind == _FINISH:
             attempt, worker, start = payload
             if self._running.get(key) == (attempt, worker, start):
@@ -682,8 +694,9 @@ class Simulator:
 
     def _fail(self, key: Key, now: float) -> None:
         """``key`` ended without completing: its dependents will be skipped, and a
-        fail_fast workflow cancels its other tasks that have not started (running ones
-        go on: their recorded attempts are replayed whole)."""
+        fail_fast workflow cancels its other tasks, as the live scheduler does: a waiting
+        one leaves, a running one is stopped on its worker now (its worker is free at once
+        for the next placement pass, at this same moment)."""
         self._failed.add(key)
         self._finish(key, now)
         workflow = self.w.tasks[key].workflow_id
@@ -692,10 +705,18 @@ class Simulator:
             return
         self._stopped.add(group)
         for member in self._members.get(group, ()):
-            if member in self._done or member in self._running or member not in self._arrived:
-                continue  # ended, running, or not created yet (cancelled when it arrives)
-            self.p.remove(member)
-            self.gone.add(member)
+            if member in self._done or member not in self._arrived:
+                continue  # ended, or not created yet (cancelled when it arrives)
+            running = self._running.pop(member, None)
+            if running is not None:  # its _FINISH event no longer matches: ignored
+                attempt, worker, start = running
+                self.p.release(member)
+                self.runs.append(Run(member, attempt, worker, start, now))
+            else:
+                self.p.remove(member)
+                if member not in self.first_start:
+                    self.gone.add(member)
+            self.cancelled.add(member)
             self._failed.add(member)
             self._finish(member, now)
 
@@ -747,7 +768,10 @@ class Simulator:
             self.first_start.setdefault(key, now)
             task = self.w.tasks[key]
             if attempt < len(task.attempts):
-                duration = task.attempts[attempt].duration
+                recorded_attempt = task.attempts[attempt]
+                duration = recorded_attempt.duration
+                if recorded_attempt.cut_short:  # it had run this long at least
+                    duration = max(duration, self.w.estimate(task.name))
             else:  # skipped in the recording, so never run there (see _revived)
                 duration = self.w.estimate(task.name)
             self._push(now + duration, _FINISH, key, (attempt, grant.worker, now))
