@@ -13,7 +13,7 @@ from pantheon_es import ids
 from pantheon_es.events import EventData, EventRecord, decode_record, encode, make_event
 from pantheon_es.mailbox import MailboxState, MessagePriority, MessagesDelivered, MessageSent
 from pantheon_es.mailbox import evolve as mailbox_evolve
-from tools.invariants import TERMINAL_EVENTS, InvariantChecker, id_key
+from tools.invariants import TERMINAL_EVENTS, InvariantChecker, Violation, id_key
 
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 TASK, OTHER = "01JTASK0000000000000000001", "01JTASK0000000000000000002"
@@ -57,8 +57,11 @@ class History:
         capacity = {"cpu": cpu, "memory_mb": 1024, "gpu": 0, "custom": {}}
         self.add("WorkerRegistered", "worker", worker, {"capacity": capacity, "slots": slots})
 
-    def check(self, keep_finished: int | None = None) -> InvariantChecker:
-        checker = InvariantChecker() if keep_finished is None else InvariantChecker(keep_finished)
+    def check(
+        self, keep_finished: int | None = None, keep_messages: int | None = None
+    ) -> InvariantChecker:
+        keep = {"keep_finished": keep_finished, "keep_messages": keep_messages}
+        checker = InvariantChecker(**{k: v for k, v in keep.items() if v is not None})
         checker.feed(self.records)
         return checker
 
@@ -446,6 +449,189 @@ def test_delivery_out_of_priority_or_fifo_order_is_named() -> None:
     send(h, "m2", "high")
     swapped = h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m2", "m1"]}).seq
     assert only(h.check()) == ("message_order", swapped)
+
+
+# -- undelivered messages: a finished agent's go to the file at once, others past a window ------
+
+
+def test_messages_left_to_a_finished_agent_leave_memory_and_are_still_judged() -> None:
+    h = History()
+    h.submit(TASK)
+    send(h, "m1", "low")
+    send(h, "m2", "urgent")
+    send(h, "m3", "low")
+    h.task("TaskCancelled", {"previous_status": "pending"}, t=1)
+    counts = h.check().record_counts()
+    assert (counts["mailboxes"], counts["undelivered_messages"]) == (0, 0)
+    assert counts["undelivered_in_file"] == 3
+    # `receive` still serves a finished agent that is not archived: the file answers
+    wrong = h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m1"]}).seq
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m2", "m3"]})
+    checker = h.check()
+    assert only(checker) == ("message_order", wrong)
+    assert checker.violations[0].message == (
+        "delivered m1 (low, sent at seq 2) while m2 (urgent, sent at seq 3) was due first"
+    )
+    assert checker.record_counts()["undelivered_in_file"] == 0
+    checker.close()
+
+
+def test_undelivered_messages_past_the_window_go_to_the_file() -> None:
+    h = History()
+    for i in range(10):
+        send(h, f"m{i}", ["low", "medium", "high", "urgent", "bogus"][i % 5])
+    checker = h.check(keep_messages=2)
+    counts = checker.record_counts()
+    assert counts["undelivered_messages"] <= 4
+    assert counts["undelivered_messages"] + counts["undelivered_in_file"] == 10
+    checker.close()
+    due = ["m3", "m8", "m2", "m7", "m1", "m4", "m6", "m9", "m0", "m5"]  # "bogus" ranks as medium
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": due[:3]})
+    late = h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m4", "m7"]}).seq
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["m1", "m6", "m9", "m0", "m5"]})
+    in_memory, spilled = h.check(), h.check(keep_messages=1)
+    assert only(spilled) == ("message_order", late)
+    assert spilled.violations == in_memory.violations
+    assert "m4 (bogus, sent at seq 5) while m7 (high" in spilled.violations[0].message
+    assert spilled.record_counts()["undelivered_in_file"] == 0
+    spilled.close()
+
+
+def test_an_id_sent_again_hides_its_first_message_in_the_file() -> None:
+    h = History()
+    send(h, "A", "low")
+    send(h, "B", "low")
+    send(h, "A", "low")  # sent again (the service never does): it replaces the first
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["B"]})
+    h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["A"]})
+    again = h.add("MessagesDelivered", "mailbox", TASK, {"message_ids": ["A"]}).seq
+    for keep in (1, None):
+        checker = h.check(keep_messages=keep)
+        assert only(checker) == ("message_order", again)
+        assert checker.record_counts()["undelivered_in_file"] == 0
+        checker.close()
+
+
+class ReferenceMailboxes:
+    """The message order check as it was before undelivered messages could leave memory
+    (every mailbox a dict of its messages), to hold the new one to the same verdicts."""
+
+    def __init__(self) -> None:
+        self.boxes: dict[tuple[str, str], dict[Any, tuple[int, int, str]]] = {}
+        self.violations: list[Violation] = []
+
+    def apply(self, ev: EventRecord) -> None:
+        if ev.aggregate != "mailbox":
+            return
+        key = (ev.tenant, ev.aggregate_id)
+        if ev.type == "MessageSent":
+            priority = str(ev.data.get("priority", "medium"))
+            rank = {"low": 0, "medium": 1, "high": 2, "urgent": 3}.get(priority, 1)
+            self.boxes.setdefault(key, {})[ev.data["message_id"]] = (rank, ev.seq, priority)
+        elif ev.type == "MessagesDelivered":
+            box = self.boxes.get(key) or {}
+            ids = list(ev.data.get("message_ids") or ())
+            expected = self.due(key, len(ids))
+            if ids != expected:
+                self.violations.append(Violation("message_order", ev.seq, ev.event_id, ev.type,
+                    ev.tenant, ev.aggregate_id, self.problem(box, ids, expected)))  # fmt: skip
+            for message_id in ids:
+                box.pop(message_id, None)
+            if not box:
+                self.boxes.pop(key, None)
+
+    def due(self, key: tuple[str, str], n: int) -> list[Any]:
+        box = self.boxes.get(key) or {}
+        return sorted(box, key=lambda i: (-box[i][0], box[i][1]))[:n]
+
+    @staticmethod
+    def problem(box: dict[Any, tuple[int, int, str]], ids: list[Any], expected: list[Any]) -> str:
+        for i, message_id in enumerate(ids):
+            if message_id in ids[:i]:
+                return f"delivered {message_id} a second time"
+            message = box.get(message_id)
+            if message is None:
+                return (
+                    f"delivered {message_id}, which is not pending in this mailbox "
+                    "(never sent to it, or delivered before)"
+                )
+            if i >= len(expected):
+                return f"delivered {len(ids)} messages, {len(expected)} were pending"
+            if message_id != expected[i]:
+                ahead = box[expected[i]]
+                return (
+                    f"delivered {message_id} ({message[2]}, sent at seq {message[1]}) "
+                    f"while {expected[i]} ({ahead[2]}, sent at seq {ahead[1]}) was due first"
+                )
+        return "delivery order differs from priority order"
+
+
+#: few ids, so that one is often sent again to a mailbox (the service never does)
+MESSAGE_IDS: list[Any] = ["01JMSG0000000000000000000A", "01JMSG0000000000000000000B", "m-3", 4]
+MAILBOX_OPS = ["send"] * 5 + ["deliver_due"] * 3 + ["deliver_swapped", "deliver_any", "submit",
+               "complete", "cancel", "redrive", "archive"]  # fmt: skip
+mailbox_scripts = st.tuples(
+    st.lists(
+        st.tuples(
+            st.sampled_from(MAILBOX_OPS),
+            st.integers(0, 1),  # tenant
+            st.integers(0, 1),  # agent (1: an id that is not a canonical one)
+            st.integers(0, len(MESSAGE_IDS) - 1),  # message, or how many to take
+            st.sampled_from(["low", "medium", "high", "urgent", "bogus"]),
+            st.lists(st.integers(0, len(MESSAGE_IDS) - 1), max_size=4),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([0, 1 << 64]),  # sequences past what SQLite's integers hold
+)
+
+
+def _mailbox_forged(script: list[tuple[str, int, int, int, str, list[int]]], offset: int) -> tuple[
+    list[EventRecord], ReferenceMailboxes
+]:  # fmt: skip
+    """A forged history of messages to agents that finish, come back and are archived,
+    and the reference's verdicts on it."""
+    agents = [TASK, "not-a-ulid"]
+    reference, records = ReferenceMailboxes(), []
+    for op, tenant_index, agent_index, n, priority, picks in script:
+        tenant, agent = ["default", "t2"][tenant_index], agents[agent_index]
+        aggregate, data = "mailbox", {}
+        if op == "send":
+            type_, data = "MessageSent", {"message_id": MESSAGE_IDS[n], "priority": priority}
+        elif op.startswith("deliver"):
+            due = reference.due((tenant, agent), n + 1)
+            if op == "deliver_swapped" and len(due) > 1:
+                due[0], due[-1] = due[-1], due[0]
+            elif op == "deliver_any":
+                due = [MESSAGE_IDS[i] for i in picks]
+            type_, data = "MessagesDelivered", {"message_ids": due}
+        else:
+            aggregate = "task"
+            type_ = {"submit": "TaskSubmitted", "complete": "TaskCompleted",
+                     "cancel": "TaskCancelled", "redrive": "TaskRedriven",
+                     "archive": "TaskArchived"}[op]  # fmt: skip
+        seq = offset + len(records) + 1
+        record = EventRecord(seq, f"ev{seq}", type_, 1, tenant, aggregate, agent, at(0),
+                             "test", "corr", None, data)  # fmt: skip
+        records.append(record)
+        reference.apply(record)
+    return records, reference
+
+
+@settings(max_examples=400, deadline=None)
+@given(mailbox_scripts)
+def test_message_order_verdicts_are_those_of_every_message_in_memory(
+    case: tuple[list[tuple[str, int, int, int, str, list[int]]], int],
+) -> None:
+    records, reference = _mailbox_forged(*case)
+    verdicts = []
+    for keep in (1, 2, 3, None):
+        checker = InvariantChecker() if keep is None else InvariantChecker(keep_messages=keep)
+        checker.feed(records)
+        verdicts.append(checker.violations)
+        checker.close()
+    assert [v for v in verdicts[0] if v.invariant == "message_order"] == reference.violations
+    assert verdicts[1:] == verdicts[:-1]
 
 
 # -- property: the real mailbox domain never breaks the order the checker holds it to --------------

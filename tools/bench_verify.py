@@ -18,9 +18,13 @@ a synthetic history made of real event payloads (:func:`synthetic_history`, the
 log of a system that keeps ``--window`` tasks live at a time), and reports the
 fold's rate (tracing off), what the process's RSS grew by in the first round,
 and the memory the checker keeps (``tracemalloc``, one more pass): bytes per task
-after the fold, and the peak.
+after the fold, and the peak. ``--undelivered N`` (implies ``--mixed``) sends
+every agent N more messages that nobody takes: left in its mailbox when it
+finishes, or with ``--to-live`` sent to one of 1,000 mailboxes whose agents never
+finish.
 
     python -m tools.bench_verify --fold-only --tasks 1000000 [--mixed]
+    python -m tools.bench_verify --fold-only --tasks 1000000 --undelivered 10 [--to-live]
 
 Figures are printed, never asserted.
 """
@@ -148,11 +152,14 @@ async def bench(url: str, tasks: int, rounds: int, workdir: Path) -> dict[str, A
 # -- the fold alone, without a server ---------------------------------------------------------
 
 #: Placeholders in the payload templates, replaced per task (26 characters, as ids are).
-_TASK, _EVENT, _DEP = (
+_TASK, _EVENT, _DEP, _EXTRA = (
     b"7ZZZZZZZZZZZZZZZZZZZZZTASK",
     b"7ZZZZZZZZZZZZZZZZZZZZEVENT",
     b"7ZZZZZZZZZZZZZZZZZZZZZZDEP",
+    b"7ZZZZZZZZZZZZZZZZZZZZEXTRA",
 )
+#: Mailboxes of agents that never finish, for ``--undelivered N --to-live``.
+LIVE_RECIPIENTS = 1000
 
 
 def _templates() -> dict[str, bytes]:
@@ -177,6 +184,8 @@ def _templates() -> dict[str, bytes]:
                                 priority=MessagePriority.LOW, body="b"),
         "send_high": MessageSent(message_id=f"{task[:-1]}2", sender="s", type=MessageType.UPDATE,
                                  priority=MessagePriority.HIGH, body="b"),
+        "send_extra": MessageSent(message_id=_EXTRA.decode(), sender="s",
+                                  type=MessageType.UPDATE, priority=MessagePriority.LOW, body="b"),
         "deliver": MessagesDelivered(message_ids=[f"{task[:-1]}2", f"{task[:-1]}1"]),
     }  # fmt: skip
     return {
@@ -187,19 +196,26 @@ def _templates() -> dict[str, bytes]:
     }  # fmt: skip
 
 
-def _life(i: int, mixed: bool, window: int) -> list[str]:
+def _life(i: int, mixed: bool, window: int, undelivered: int = 0) -> list[str]:
     if not mixed or i % 10 in (0, 1, 2, 4, 6, 8, 9):
         return ["submit", "grant", "start", "renew", "complete"]
     if i % 10 == 3:  # a dead letter: kept for a redrive
         return ["submit", "grant", "start", "fail"]
     if i % 10 == 5 and i >= window:  # depends on a task that finished a window ago
         return ["submit_dep", "grant", "start", "renew", "complete"]
-    # an agent: two messages to its mailbox, delivered highest priority first
-    return ["submit", "grant", "start", "send_low", "send_high", "deliver", "complete"]
+    # an agent: two messages to its mailbox, delivered highest priority first (the low
+    # ones nobody takes are sent later, so they are not due before those two)
+    extra = ["send_extra"] * undelivered
+    return ["submit", "grant", "start", "send_low", "send_high", *extra, "deliver", "complete"]
 
 
 def synthetic_history(
-    tasks: int, window: int = 1000, mixed: bool = False, batch: int = 5000
+    tasks: int,
+    window: int = 1000,
+    mixed: bool = False,
+    batch: int = 5000,
+    undelivered: int = 0,
+    to_live: bool = False,
 ) -> Iterator[list[EventRecord]]:
     """A valid history of ``tasks`` task lives, decoded as the feed decodes it, in batches.
 
@@ -207,8 +223,14 @@ def synthetic_history(
     step for the whole window), on 8 workers registered first. ``mixed``: of every 10
     tasks one fails (a dead letter), one depends on the task ``window`` before it, and one
     is an agent that is sent two messages (delivered in priority order); 5.1 events a task.
+    ``undelivered``: each agent is also sent that many low-priority messages nobody takes,
+    to its own mailbox (left there when it finishes) or, ``to_live``, to one of
+    :data:`LIVE_RECIPIENTS` mailboxes whose agents never finish.
     Every payload is parsed afresh, so the checker keeps what ``verify`` would keep.
     """
+    mixed = mixed or undelivered > 0
+    live = [ids.new_id().encode() for _ in range(LIVE_RECIPIENTS if to_live else 0)]
+    sent = 0
     templates = _templates()
     seq = 0
     out: list[EventRecord] = []
@@ -224,7 +246,7 @@ def synthetic_history(
     for first in range(0, tasks, window):
         chunk = range(first, min(first + window, tasks))
         previous, task_ids = task_ids, [ids.new_id() for _ in chunk]
-        lives = [_life(i, mixed, window) for i in chunk]
+        lives = [_life(i, mixed, window, undelivered) for i in chunk]
         for step in range(max(map(len, lives))):
             for j, life in enumerate(lives):
                 if step >= len(life):
@@ -236,6 +258,12 @@ def synthetic_history(
                     payload = payload.replace(_DEP, previous[j].encode())
                 elif life[step] == "grant":
                     payload = payload.replace(b'"w0"', b'"w%d"' % (j % WORKERS))
+                elif life[step] == "send_extra":
+                    to = live[sent % len(live)] if live else task
+                    payload = templates[life[step]].replace(_TASK, to)
+                    payload = payload.replace(_EXTRA, task[:-5] + b"M%04d" % step)
+                    payload = payload.replace(_EVENT, task[:-4] + b"E%03d" % step)
+                    sent += 1
                 seq += 1
                 out.append(decode_record(payload, seq))
                 if len(out) >= batch:
@@ -245,15 +273,21 @@ def synthetic_history(
         yield out
 
 
-def fold_only(tasks: int, rounds: int, window: int, mixed: bool) -> dict[str, Any]:
+def fold_only(
+    tasks: int, rounds: int, window: int, mixed: bool, undelivered: int = 0, to_live: bool = False
+) -> dict[str, Any]:
     """The checker's rate (median of ``rounds``, decoding not timed) and memory."""
     rates: list[float] = []
     total, rss = 0, psutil.Process().memory_info
+
+    def history() -> Iterator[list[EventRecord]]:
+        return synthetic_history(tasks, window, mixed, undelivered=undelivered, to_live=to_live)
+
     for r in range(rounds):
         gc.collect()
         rss_before = rss().rss
         checker, seconds, total = InvariantChecker(), 0.0, 0
-        for batch in synthetic_history(tasks, window, mixed):
+        for batch in history():
             start = time.perf_counter()
             checker.feed(batch)
             seconds += time.perf_counter() - start
@@ -268,37 +302,48 @@ def fold_only(tasks: int, rounds: int, window: int, mixed: bool) -> dict[str, An
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     checker = InvariantChecker()
-    for batch in synthetic_history(tasks, window, mixed):
+    for batch in history():
         checker.feed(batch)
     del batch
     gc.collect()
     kept, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    counts = checker.record_counts()
     checker.close()
+    agents = sum(1 for i in range(tasks) if "deliver" in _life(i, True, window))
     return {
         "tasks": tasks,
         "events": total,
         "window": window,
-        "mixed": mixed,
+        "mixed": mixed or undelivered > 0,
+        "undelivered": undelivered * agents,
+        "to_live": to_live,
         "rounds": rounds,
         "fold_events_per_s": round(statistics.median(rates)),
         "kept_bytes": kept - base,
         "bytes_per_task": round((kept - base) / tasks, 1),
         "peak_bytes": peak - base,
         "rss_growth_bytes": rss_growth,
+        "records": counts,
     }
 
 
 def render_fold(res: dict[str, Any]) -> str:
+    kind = "mixed" if res["mixed"] else "all completed"
+    if res["undelivered"]:
+        where = "mailboxes that live on" if res["to_live"] else "finished agents' mailboxes"
+        kind += f", {res['undelivered']:,} messages left undelivered in {where}"
+    counts = ", ".join(f"{k} {v:,}" for k, v in res["records"].items())
     return "\n".join(
         [
             f"invariant fold: {res['tasks']:,} tasks, {res['events']:,} events "
-            f"({'mixed' if res['mixed'] else 'all completed'}, {res['window']:,} live at a time)",
+            f"({kind}, {res['window']:,} live at a time)",
             f"  rate (median of {res['rounds']})  {res['fold_events_per_s']:>12,} events/s",
             f"  kept after the fold     {res['kept_bytes']:>12,} bytes "
             f"({res['bytes_per_task']:,} a task)",
             f"  peak while folding      {res['peak_bytes']:>12,} bytes",
             f"  RSS grew by             {res['rss_growth_bytes']:>12,} bytes (first round)",
+            f"  records: {counts}",
         ]
     )
 
@@ -332,11 +377,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=1000, help="--fold-only: tasks live at once")
     parser.add_argument("--mixed", action="store_true",
                         help="--fold-only: dead letters, dependencies, messages")  # fmt: skip
+    parser.add_argument("--undelivered", type=int, default=0, metavar="N",
+                        help="--fold-only: N more messages to every agent, never taken "
+                             "(implies --mixed)")  # fmt: skip
+    parser.add_argument("--to-live", action="store_true",
+                        help="--fold-only: to 1,000 agents that never finish")  # fmt: skip
     args = parser.parse_args(argv)
     logs.configure("warning")
     if args.fold_only:
         tune_gc()
-        res = fold_only(args.tasks, args.rounds, args.window, args.mixed)
+        res = fold_only(
+            args.tasks, args.rounds, args.window, args.mixed, args.undelivered, args.to_live
+        )
         print(
             orjson.dumps(res, option=orjson.OPT_INDENT_2).decode()
             if args.json

@@ -9,15 +9,17 @@ a server; ``tools.verify`` streams the log through it. What each invariant
 means exactly is written in docs/operations.md ("Replay and verify") and
 docs/decisions.md.
 
-Memory does not grow with the number of finished tasks. A task in flight has a
-full record; a finished one shrinks to one int (terminal event and sequence,
-whether it ever completed, its resources as an index into a table of the
-distinct vectors) under its id decoded to an int, and the newest
-``keep_finished`` to ``2 * keep_finished`` of those stay in dicts while older
-ones go to a private temporary SQLite file, deleted when it is closed. A mailbox
-holds only its undelivered messages. What is left in memory is what is in flight
-(tasks, workers, undelivered messages) and the violations found
-(docs/decisions.md, "The invariant check's memory").
+Memory does not grow with the number of finished tasks or of undelivered
+messages. A task in flight has a full record; a finished one shrinks to one int
+(terminal event and sequence, whether it ever completed, its resources as an
+index into a table of the distinct vectors) under its id decoded to an int, and
+the newest ``keep_finished`` to ``2 * keep_finished`` of those stay in dicts
+while older ones go to a private temporary SQLite file, deleted when it is
+closed. Undelivered messages go to the same file: a finished agent's at once,
+the others once ``keep_messages`` to ``2 * keep_messages`` newer ones were sent
+(a delivered message is dropped). What is left in memory is what is in flight
+(tasks, workers), the newest finished tasks and undelivered messages, and the
+violations found (docs/decisions.md, "The invariant check's memory").
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ WorkerKey = tuple[str, str]  # (tenant, worker id)
 KEEP_FINISHED = 100_000
 #: Distinct resource vectors given an index (12 bits); past that a task keeps its own.
 MAX_VECTORS = 4096
+#: Undelivered messages kept in memory: at most twice this many, the newest.
+KEEP_MESSAGES = 50_000
+#: Bits of the map of mailboxes written to the file (1 MiB).
+_WRITTEN_BITS = 1 << 23
 
 # A finished task's compact record is one int: bits 0-2 its terminal event (a position in
 # _TERMINAL_TYPES), bit 3 set if it ever completed, bits 4-15 the index of its resource
@@ -200,25 +206,72 @@ class _Message:
 
 #: A mailbox's undelivered messages by id (a mailbox with none is not kept).
 _Mailbox = dict[str, _Message]
+#: A mailbox: (tenant, the agent's task id).
+BoxKey = tuple[str, str]
+
+
+class _SpillFile:
+    """The private temporary SQLite database that old records go to, opened when first
+    needed: ``sqlite3.connect("")`` makes a file unlinked on Unix as soon as it is opened,
+    gone when closed."""
+
+    def __init__(self) -> None:
+        self.db: sqlite3.Connection | None = None
+
+    def open(self) -> sqlite3.Connection:
+        if self.db is not None:
+            return self.db
+        db = self.db = sqlite3.connect("", check_same_thread=False)
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("PRAGMA cache_size = -16384")  # 16 MiB
+        # key: the tenant, NUL, the id (17 bytes of a decoded one, or 0xFF and the id);
+        # record: the int of the record, or its low 16 bits when the sequence does not fit
+        # (then in extra, with the resources and dependencies of a tuple record, as JSON).
+        db.execute(
+            "CREATE TABLE finished (key BLOB PRIMARY KEY, record INTEGER NOT NULL, extra BLOB) "
+            "WITHOUT ROWID"
+        )
+        # box: the mailbox's key as above; id: as sent (no type: a forged int stays one);
+        # seq: an integer, or past 2^63 a blob (blobs sort after integers); priority: NULL
+        # for the name of its rank.
+        db.execute(
+            "CREATE TABLE messages (box BLOB NOT NULL, id NOT NULL, rank INTEGER NOT NULL, "
+            "seq NOT NULL, priority TEXT, PRIMARY KEY (box, id)) WITHOUT ROWID"
+        )
+        db.execute("CREATE INDEX messages_due ON messages (box, rank DESC, seq)")
+        return db
+
+    def bytes(self) -> int:
+        """The size of the file (0 before the first spill)."""
+        if self.db is None:
+            return 0
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        return int(pages * self.db.execute("PRAGMA page_size").fetchone()[0])
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
 
 
 class _FinishedTasks:
     """Compact records of finished tasks by tenant and id (:data:`Record`).
 
     New records go to the young dict; when ``keep`` have been put there, the old dict
-    is written to a private temporary SQLite database (created then, deleted when
-    closed) and the young one becomes the old. So memory holds the newest ``keep`` to
-    ``2 * keep`` records, the ones the next dependency checks most likely ask for.
-    Once bit 3 (ever completed) is set for a task in any generation it stays set.
+    is written to the spill file (table ``finished``) and the young one becomes the old.
+    So memory holds the newest ``keep`` to ``2 * keep`` records, the ones the next
+    dependency checks most likely ask for. Once bit 3 (ever completed) is set for a task
+    in any generation it stays set.
     """
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, file: _SpillFile) -> None:
         self.keep = max(1, keep)
         self._young: dict[str, dict[IdKey, Record]] = {}
         self._old: dict[str, dict[IdKey, Record]] = {}
         self._puts = 0
-        self._db: sqlite3.Connection | None = None
-        #: records written to the database so far
+        self._file = file
+        #: records written to the file so far
         self.spilled = 0
 
     def put(self, tenant: str, key: IdKey, record: Record) -> None:
@@ -240,9 +293,10 @@ class _FinishedTasks:
                 record = records.get(key)
                 if record is not None:
                     return record
-        if self._db is None:
+        if not self.spilled:
             return None
-        row = self._db.execute(
+        db = self._file.open()
+        row = db.execute(
             "SELECT record, extra FROM finished WHERE key = ?", (_db_key(tenant, key),)
         ).fetchone()
         return None if row is None else _from_row(*row)
@@ -253,9 +307,10 @@ class _FinishedTasks:
             record = generation.get(tenant, {}).get(key)
             if record is not None and _packed(record) & _EVER_COMPLETED:
                 return True
-        if self._db is None:
+        if not self.spilled:
             return False
-        row = self._db.execute(
+        db = self._file.open()
+        row = db.execute(
             "SELECT record FROM finished WHERE key = ?", (_db_key(tenant, key),)
         ).fetchone()
         return row is not None and bool(row[0] & _EVER_COMPLETED)
@@ -264,21 +319,9 @@ class _FinishedTasks:
         """Records in memory (a task put twice counts twice until its older one is spilled)."""
         return sum(len(r) for g in (self._young, self._old) for r in g.values())
 
-    def file_bytes(self) -> int:
-        """The size of the temporary database (0 before the first spill)."""
-        if self._db is None:
-            return 0
-        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
-        return int(pages * self._db.execute("PRAGMA page_size").fetchone()[0])
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
     def _spill(self) -> None:
         if self._old:
-            db = self._db or self._open()
+            db = self._file.open()
             with db:
                 # A task finished again after its record was written (redriven, or submitted
                 # twice) keeps bit 3 of the older record.
@@ -290,20 +333,171 @@ class _FinishedTasks:
             self.spilled += sum(len(r) for r in self._old.values())
         self._old, self._young, self._puts = self._young, {}, 0
 
-    def _open(self) -> sqlite3.Connection:
-        # "": a private temporary file (unlinked on Unix as soon as it is opened).
-        db = self._db = sqlite3.connect("", check_same_thread=False)
-        db.execute("PRAGMA journal_mode = OFF")
-        db.execute("PRAGMA synchronous = OFF")
-        db.execute("PRAGMA cache_size = -16384")  # 16 MiB
-        # key: the tenant, NUL, the id (17 bytes of a decoded one, or 0xFF and the id);
-        # record: the int of the record, or its low 16 bits when the sequence does not fit
-        # (then in extra, with the resources and dependencies of a tuple record, as JSON).
-        db.execute(
-            "CREATE TABLE finished (key BLOB PRIMARY KEY, record INTEGER NOT NULL, extra BLOB) "
-            "WITHOUT ROWID"
+
+class _Mailboxes:
+    """Undelivered messages by mailbox: the newest in memory, the others in the spill file.
+
+    As :class:`_FinishedTasks`: a message goes into the young generation; when ``keep``
+    have been sent, the old generation's messages still undelivered are written to the
+    file (table ``messages``) and the young one becomes the old. A finished agent's
+    messages are written at once (:meth:`retire`). A delivery reads the file only for a
+    mailbox that may be in it (a bitmap of the mailboxes written, one bit a hash). A
+    message is in one place: a generation, or the file. The one exception is an id sent
+    again to the same mailbox (the service never does) while its first message is in the
+    file: the new one in memory hides the row, the next write replaces it, and a delivery
+    of the id deletes it.
+    """
+
+    def __init__(self, keep: int, file: _SpillFile) -> None:
+        self.keep = max(1, keep)
+        self._young: dict[BoxKey, _Mailbox] = {}
+        self._old: dict[BoxKey, _Mailbox] = {}
+        self._sent = 0
+        self._file = file
+        #: rows in the file, at most (a row written twice counts twice)
+        self.on_file = 0
+        #: one bit a hash of a mailbox written to the file (from the first write on): a
+        #: clear bit spares a delivery the read (a set bit of another mailbox costs one)
+        self._written = bytearray()
+        #: messages written to the file so far
+        self.spilled = 0
+
+    def send(self, key: BoxKey, message_id: str, message: _Message) -> None:
+        old = self._old.get(key)
+        if old is not None and old.pop(message_id, None) is not None and not old:
+            del self._old[key]
+        box = self._young.get(key)
+        if box is None:
+            box = self._young[key] = {}
+        box[message_id] = message
+        self._sent += 1
+        if self._sent >= self.keep:
+            self._write(self._old)
+            self._old, self._young, self._sent = self._young, {}, 0
+
+    def pending(self, key: BoxKey, first: int) -> tuple[_Mailbox, bool]:
+        """The mailbox's messages in memory and its ``first`` due in the file (what the
+        first ``first`` due of the whole mailbox are among), and whether the file holds
+        any of its messages. Not a copy when the file holds none and one generation does."""
+        young, old = self._young.get(key), self._old.get(key)
+        if not self.on_file or not self._maybe_written(key):
+            if old is None:
+                return (young if young is not None else {}), False
+            return ({**old, **young} if young is not None else old), False
+        box = {**(old or {}), **(young or {})}
+        db = self._file.open()
+        rows = db.execute(
+            "SELECT id, rank, seq, priority FROM messages WHERE box = ? ORDER BY rank DESC, seq",
+            (_box_key(key),),
         )
-        return db
+        on_file, taken = False, 0
+        for message_id, rank, seq, priority in rows:
+            on_file = True
+            if taken >= first:
+                break
+            if message_id not in box:  # else hidden by the same id sent again
+                box[message_id] = _message_from_row(rank, seq, priority)
+                taken += 1
+        rows.close()
+        return box, on_file
+
+    def look_up(self, key: BoxKey, ids: list[str], box: _Mailbox) -> None:
+        """Add to ``box`` (from :meth:`pending`, the file holding some of the mailbox) the
+        messages of ``ids`` that are in the file only."""
+        db = self._file.open()
+        for message_id in ids:
+            if message_id not in box:
+                row = db.execute(
+                    "SELECT rank, seq, priority FROM messages WHERE box = ? AND id = ?",
+                    (_box_key(key), message_id),
+                ).fetchone()
+                if row is not None:
+                    box[message_id] = _message_from_row(*row)
+
+    def remove(self, key: BoxKey, ids: list[str], on_file: bool) -> None:
+        """Delivered: no longer pending, no longer kept (``on_file``: from :meth:`pending`)."""
+        for generation in (self._young, self._old):
+            box = generation.get(key)
+            if box is not None:
+                for message_id in ids:
+                    box.pop(message_id, None)
+                if not box:
+                    del generation[key]
+        if on_file:
+            box_key = _box_key(key)
+            deleted = self._file.open().executemany(
+                "DELETE FROM messages WHERE box = ? AND id = ?", [(box_key, i) for i in ids]
+            )
+            self.on_file -= deleted.rowcount
+
+    def retire(self, key: BoxKey) -> None:
+        """The agent finished: its undelivered messages go to the file now (the service
+        refuses to send to a finished agent; it may still take them, or be redriven)."""
+        old, young = self._old.pop(key, None), self._young.pop(key, None)
+        if old is not None or young is not None:
+            # Not committed: the file is private and never rolled back (journal off), so
+            # a commit per agent would only write pages out sooner; the next spill commits.
+            self._write({key: {**(old or {}), **(young or {})}}, commit=False)
+
+    def in_memory(self) -> tuple[int, int]:
+        """Mailboxes and messages in memory."""
+        keys = self._young.keys() | self._old.keys()
+        messages = sum(len(b) for g in (self._young, self._old) for b in g.values())
+        return len(keys), messages
+
+    def in_file(self) -> int:
+        if not self.on_file:
+            return 0
+        return int(self._file.open().execute("SELECT count(*) FROM messages").fetchone()[0])
+
+    def _maybe_written(self, key: BoxKey) -> bool:
+        bit = hash(key) & (_WRITTEN_BITS - 1)
+        return bool(self._written[bit >> 3] & 1 << (bit & 7))
+
+    def _write(self, boxes: dict[BoxKey, _Mailbox], commit: bool = True) -> None:
+        if not boxes:
+            return
+        if not self._written:
+            self._written = bytearray(_WRITTEN_BITS // 8)
+        rows = []
+        for key, box in boxes.items():
+            bit = hash(key) & (_WRITTEN_BITS - 1)
+            self._written[bit >> 3] |= 1 << (bit & 7)
+            box_key = _box_key(key)
+            for message_id, m in box.items():
+                seq = m.seq if m.seq <= _INT64_MAX else _seq_value(m.seq)
+                priority = None if m.priority in MESSAGE_RANK else m.priority
+                rows.append((box_key, message_id, m.rank, seq, priority))
+        db = self._file.open()
+        db.executemany("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?)", rows)
+        if commit:
+            db.commit()
+        self.on_file += len(rows)
+        self.spilled += len(rows)
+
+
+_RANK_NAMES = {rank: name for name, rank in MESSAGE_RANK.items()}
+
+
+def _message_from_row(rank: int, seq: int | bytes, priority: str | None) -> _Message:
+    return _Message(rank, _seq_from(seq), priority or _RANK_NAMES[rank])
+
+
+def _seq_value(seq: int) -> int | bytes:
+    """A sequence as SQLite orders it: an integer, or past 2^63 a blob of its length and
+    big-endian bytes (every blob sorts after every integer, and among themselves by size)."""
+    if seq <= _INT64_MAX:
+        return seq
+    size = (seq.bit_length() + 7) // 8
+    return bytes([size]) + seq.to_bytes(size, "big")
+
+
+def _seq_from(value: int | bytes) -> int:
+    return value if isinstance(value, int) else int.from_bytes(value[1:], "big")
+
+
+def _box_key(key: BoxKey) -> bytes:
+    return _db_key(key[0], id_key(key[1]))
 
 
 def _packed(record: Record) -> int:
@@ -364,17 +558,23 @@ class InvariantChecker:
         keep_finished: finished tasks' records kept in memory (between this many and
             twice as many); older ones go to a temporary SQLite file. Only how fast a
             check of an old record is depends on it, never a result.
+        keep_messages: undelivered messages kept in memory, but for a finished
+            agent's (at most twice this many, the newest); the others go to the same
+            file. Only speed depends on it, never a result.
     """
 
-    def __init__(self, keep_finished: int = KEEP_FINISHED) -> None:
+    def __init__(
+        self, keep_finished: int = KEEP_FINISHED, keep_messages: int = KEEP_MESSAGES
+    ) -> None:
         self.violations: list[Violation] = []
         self.events = 0
         self.last_seq = 0
         #: tasks in flight; a finished task's record moves to ``_finished``
         self._tasks: dict[TaskKey, _Task] = {}
-        self._finished = _FinishedTasks(keep_finished)
+        self._file = _SpillFile()
+        self._finished = _FinishedTasks(keep_finished, self._file)
         self._workers: dict[WorkerKey, _Worker] = {}
-        self._mailboxes: dict[TaskKey, _Mailbox] = {}
+        self._mailboxes = _Mailboxes(keep_messages, self._file)
         #: the distinct resource vectors, shared by the tasks that need them
         self._vectors: list[dict[str, float]] = []
         self._vector_index: dict[tuple[tuple[str, float], ...], int] = {}
@@ -383,18 +583,20 @@ class InvariantChecker:
         self._workflow_deps: dict[TaskKey, tuple[str, ...]] = {}
 
     def close(self) -> None:
-        """Delete the temporary file of finished tasks, if there is one (idempotent)."""
-        self._finished.close()
+        """Delete the temporary file of old records, if there is one (idempotent)."""
+        self._file.close()
 
     def record_counts(self) -> dict[str, int]:
         """How many records of each kind the checker holds (what its memory grows with)."""
+        mailboxes, messages = self._mailboxes.in_memory()
         return {
             "tasks_in_flight": len(self._tasks),
             "finished_in_memory": len(self._finished),
             "finished_spilled": self._finished.spilled,
-            "spill_file_bytes": self._finished.file_bytes(),
-            "mailboxes": len(self._mailboxes),
-            "undelivered_messages": sum(map(len, self._mailboxes.values())),
+            "mailboxes": mailboxes,
+            "undelivered_messages": messages,
+            "undelivered_in_file": self._mailboxes.in_file(),
+            "spill_file_bytes": self._file.bytes(),
             "workers": len(self._workers),
             "resource_vectors": len(self._vectors),
         }
@@ -483,6 +685,7 @@ class InvariantChecker:
         if task.depends_on or task.vector < 0:
             record = (packed, None if task.vector >= 0 else task.need, task.depends_on)
         self._finished.put(key[0], id_key(key[1]), record)
+        self._mailboxes.retire(key)
 
     def _revive(self, key: TaskKey) -> _Task:
         """The full record of a task not in flight: its compact one expanded, or a new one."""
@@ -623,28 +826,25 @@ class InvariantChecker:
     def _mailbox_event(self, ev: EventRecord) -> None:
         key = (ev.tenant, ev.aggregate_id)
         if ev.type == "MessageSent":
-            box = self._mailboxes.get(key)
-            if box is None:
-                box = self._mailboxes[key] = {}
             priority = str(ev.data.get("priority", "medium"))
             priority = _PRIORITY_NAMES.get(priority, priority)  # one string a name, not a message
-            box[ev.data["message_id"]] = _Message(MESSAGE_RANK.get(priority, 1), ev.seq, priority)
+            message = _Message(MESSAGE_RANK.get(priority, 1), ev.seq, priority)
+            self._mailboxes.send(key, ev.data["message_id"], message)
         elif ev.type == "MessagesDelivered":
-            box = self._mailboxes.get(key) or {}
-            self._delivered(ev, box, list(ev.data.get("message_ids") or ()))
-            if not box:
-                self._mailboxes.pop(key, None)
+            self._delivered(ev, key, list(ev.data.get("message_ids") or ()))
 
-    def _delivered(self, ev: EventRecord, box: _Mailbox, ids: list[str]) -> None:
+    def _delivered(self, ev: EventRecord, key: BoxKey, ids: list[str]) -> None:
+        box, on_file = self._mailboxes.pending(key, len(ids))
         waiting = heapq.nsmallest(
             len(ids), box.items(), key=lambda item: (-item[1].rank, item[1].seq)
         )
         expected = [message_id for message_id, _ in waiting]
         if ids != expected:
+            if on_file:
+                self._mailboxes.look_up(key, ids, box)
             problem = self._order_problem(box, ids, expected)
             self._violate("message_order", ev, problem)
-        for message_id in ids:
-            box.pop(message_id, None)  # delivered: no longer pending, no longer kept
+        self._mailboxes.remove(key, ids, on_file)
 
     @staticmethod
     def _order_problem(box: _Mailbox, ids: list[str], expected: list[str]) -> str:
